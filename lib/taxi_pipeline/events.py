@@ -51,7 +51,8 @@ MAX_VERSION = 10**18
 _DYNAMODB_CONTEXT = Context(prec=38)
 _MIN_EXPONENT, _MAX_EXPONENT = -130, 125
 _PORTAL_TIMESTAMP = "%Y/%m/%d %I:%M:%S %p"
-_NUMBER_TEXT = re.compile(r"^[+-]?(\d{1,3}(,\d{3})+|\d+)(\.\d+)?$|^[+-]?\.\d+$")
+# Plain decimals with optional thousands separators, or scientific notation.
+_NUMBER_TEXT = re.compile(r"^[+-]?(\d{1,3}(,\d{3})+|\d+)(\.\d+)?$|^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 _CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 MISSING_VALUE_PLACEHOLDERS = frozenset({"-"})
 
@@ -278,6 +279,46 @@ def validate_record(record: Mapping[str, Any], kind: EventKind) -> TripEvent:
         version=version,
         digest=content_digest(kind, trip_id, attributes),
         ignored_fields=ignored,
+    )
+
+
+_NUMBER_TYPES = frozenset(
+    {_FieldType.MONEY, _FieldType.COUNT, _FieldType.MEASURE, _FieldType.LATITUDE, _FieldType.LONGITUDE}
+)
+
+
+def event_to_json(event: TripEvent) -> str:
+    """Serialise a validated event losslessly, for passing it between Spark stages."""
+    return json.dumps(
+        {
+            "kind": event.kind.value,
+            "trip_id": event.trip_id,
+            "attributes": {name: None if value is None else str(value) for name, value in event.attributes.items()},
+            "version": event.version,
+            "digest": event.digest,
+            "ignored_fields": list(event.ignored_fields),
+        },
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+
+
+def event_from_json(text: str) -> TripEvent:
+    """Restore an event written by ``event_to_json``; numbers come back as ``Decimal``."""
+    document = json.loads(text)
+    kind = EventKind(document["kind"])
+    schema = SCHEMAS[kind]
+    attributes = {
+        name: None if value is None else (Decimal(value) if schema[name] in _NUMBER_TYPES else value)
+        for name, value in document["attributes"].items()
+    }
+    return TripEvent(
+        kind=kind,
+        trip_id=document["trip_id"],
+        attributes=attributes,
+        version=int(document["version"]),
+        digest=document["digest"],
+        ignored_fields=tuple(document.get("ignored_fields", ())),
     )
 
 

@@ -10,6 +10,8 @@ import pytest
 from taxi_pipeline.errors import InvalidEventError
 from taxi_pipeline.events import (
     MAX_EVENT_BYTES,
+    event_from_json,
+    event_to_json,
     EventKind,
     infer_kind,
     parse_event,
@@ -200,3 +202,8 @@ def test_same_content_gives_same_digest():
 def test_revision_orders_versions_numerically():
     assert revision_of(9, "f" * 64) < revision_of(10, "0" * 64)
     assert parse_event(end_body(event_version=3), EventKind.END).version == 3
+
+
+def test_event_json_round_trip_is_lossless():
+    event = parse_event(end_body(tip=30.40, trip_distance_meters="2,735.8848", qa_flags="LP-"), EventKind.END)
+    assert event_from_json(event_to_json(event)) == event

@@ -1,0 +1,290 @@
+"""The replay job's driver: drain the retry queue in waves, or backfill from files.
+
+A wave is: receive up to ``wave_size`` messages in parallel Spark tasks,
+keep them on the executors, parse and collapse them as DataFrame steps,
+write each trip's events in one task, and settle every message. The driver
+only ever holds the counts of one wave, so its memory stays flat however
+deep the queue is.
+
+If an executor is lost, Spark may run a receive task again and receive other
+messages; those that the lost task had received become visible again when
+their visibility timeout ends. Nothing is lost, and the idempotent write
+makes the repeat harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, SparkSession
+
+from taxi_pipeline.aws import AwsSettings
+from taxi_pipeline.replay import steps
+from taxi_pipeline.replay.options import BackfillOptions, ReplayOptions
+from taxi_pipeline.replay.queue import ReceiveQuota, dead_letter_queue_of, queue_counts
+from taxi_pipeline.replay.report import RunReport, publish_metrics, write_report
+from taxi_pipeline.replay.tasks import QueueTarget, dead_letter_task, receive_task, release_task, write_task
+
+logger = logging.getLogger(__name__)
+
+MESSAGE_COLUMNS = ("message_id", "receipt_handle", "received_at", "receive_count", "body")
+
+
+class _CountsAccumulator:
+    """An ``AccumulatorParam`` that adds dictionaries of counts."""
+
+    def zero(self, value: dict) -> dict:
+        return {}
+
+    def addInPlace(self, first: dict, second: dict) -> dict:  # noqa: N802 (Spark's method name)
+        for name, count in second.items():
+            first[name] = first.get(name, 0) + count
+        return first
+
+
+def _parallelism(spark: SparkSession, requested: int | None) -> int:
+    return requested or max(1, spark.sparkContext.defaultParallelism)
+
+
+def run_replay(spark: SparkSession, options: ReplayOptions, settings: AwsSettings | None = None) -> RunReport:
+    """Drain the retry queue into the trip table and return the run report."""
+    settings = settings or AwsSettings.from_env()
+    report = RunReport(mode="dry_run" if options.dry_run else "replay", job_name=options.job_name)
+    sqs = settings.client("sqs")
+
+    dead_letter_url = options.dead_letter_queue_url or dead_letter_queue_of(sqs, options.queue_url)
+    if dead_letter_url is None and not options.dry_run:
+        raise ValueError(
+            f"queue {options.queue_url} has no redrive policy and no dead_letter_queue_url was given: "
+            "poison messages need a dead-letter queue"
+        )
+    partitions = _parallelism(spark, options.parallelism)
+    target = QueueTarget(
+        queue_url=options.queue_url,
+        dead_letter_queue_url=dead_letter_url,
+        visibility_timeout=options.dry_run_visibility_timeout if options.dry_run else options.visibility_timeout,
+        retry_delay_seconds=options.retry_delay_seconds,
+    )
+    logger.info(
+        "replay starts: queue %s, table %s, dead-letter queue %s, %d partitions, waves of %d",
+        options.queue_url,
+        options.table_name,
+        dead_letter_url,
+        partitions,
+        options.wave_size,
+    )
+
+    deadline = report.started_at + options.max_runtime_seconds
+    empty_waves = 0
+    while True:
+        received_so_far = report.counts.get("messages_received", 0)
+        if options.max_messages is not None and received_so_far >= options.max_messages:
+            report.finish("message limit reached")
+            break
+        if time.time() >= deadline:
+            report.finish("time limit reached")
+            break
+
+        wave_budget = options.wave_size
+        if options.max_messages is not None:
+            wave_budget = min(wave_budget, options.max_messages - received_so_far)
+        received = _run_wave(spark, options, settings, target, partitions, wave_budget, deadline, report)
+
+        if options.dry_run:
+            report.finish("dry run sampled one wave")
+            break
+        if received:
+            empty_waves = 0
+            continue
+
+        counts = queue_counts(sqs, options.queue_url)
+        waiting = counts["ApproximateNumberOfMessages"] + counts["ApproximateNumberOfMessagesDelayed"]
+        if waiting == 0:
+            report.counts["messages_in_flight_at_end"] = counts["ApproximateNumberOfMessagesNotVisible"]
+            report.finish("queue drained")
+            break
+        empty_waves += 1
+        if empty_waves >= options.max_empty_waves:
+            report.finish(f"no messages received in {empty_waves} waves while the queue reports {waiting}")
+            break
+
+    _publish(report, options.report_path, options.metrics_namespace, settings)
+    return report
+
+
+def _run_wave(
+    spark: SparkSession,
+    options: ReplayOptions,
+    settings: AwsSettings,
+    target: QueueTarget,
+    partitions: int,
+    budget: int,
+    deadline: float,
+    report: RunReport,
+) -> int:
+    """Run one wave; return the number of messages it received."""
+    wave_started = time.time()
+    context = spark.sparkContext
+    counters = context.accumulator({}, _CountsAccumulator())
+    per_task = -(-budget // partitions)
+    quota = ReceiveQuota(
+        max_messages=per_task,
+        wait_time_seconds=options.wait_time_seconds,
+        visibility_timeout=target.visibility_timeout,
+        threads=options.receive_threads,
+        deadline=deadline,
+    )
+
+    # Receiving is a side effect, so the received messages are persisted and
+    # counted once; later steps read the persisted blocks.
+    received_rdd = context.parallelize(range(partitions), partitions).mapPartitions(
+        receive_task(settings, options.queue_url, quota, counters)
+    )
+    messages = spark.createDataFrame(received_rdd, steps.MESSAGE_SCHEMA).persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        received = messages.count()
+        receive_seconds = time.time() - wave_started
+        report.counts.update(counters.value)
+        report.counts["messages_received"] += received
+        if received == 0:
+            return 0
+        report.waves += 1
+
+        parsed = steps.parse_messages(messages).persist(StorageLevel.MEMORY_AND_DISK)
+        try:
+            if options.dry_run:
+                _dry_run_wave(parsed, settings, target, report)
+            else:
+                _settle_wave(parsed, options, settings, target, partitions, report)
+        finally:
+            parsed.unpersist()
+    finally:
+        messages.unpersist()
+
+    logger.info(
+        "wave %d: %d messages in %.1f s (receiving %.1f s); outcomes so far %s",
+        report.waves,
+        received,
+        time.time() - wave_started,
+        receive_seconds,
+        dict(report.outcomes),
+    )
+    return received
+
+
+def _settle_wave(
+    parsed: DataFrame,
+    options: ReplayOptions,
+    settings: AwsSettings,
+    target: QueueTarget,
+    partitions: int,
+    report: RunReport,
+) -> None:
+    invalid = steps.invalid_events(parsed).select(
+        "message_id", "receipt_handle", "body", "receive_count", "trip_id", "reason", "detail"
+    )
+    for partial in invalid.rdd.mapPartitions(dead_letter_task(settings, target)).collect():
+        report.add(partial)
+
+    events = steps.collapse_events(steps.valid_events(parsed), MESSAGE_COLUMNS)
+    ordered = steps.order_for_writes(events, partitions)
+    writer = write_task(settings, options.table_name, options.write_threads, target)
+    for partial in ordered.rdd.mapPartitions(writer).collect():
+        report.add(partial)
+
+
+def _dry_run_wave(parsed: DataFrame, settings: AwsSettings, target: QueueTarget, report: RunReport) -> None:
+    valid = steps.valid_events(parsed)
+    report.outcomes["would_apply"] += valid.count()
+    report.counts["distinct_events"] += steps.collapse_events(valid).count()
+    report.counts["trips"] += valid.select("trip_id").distinct().count()
+    for row in steps.invalid_events(parsed).groupBy("reason").count().collect():
+        report.outcomes["would_dead_letter"] += row["count"]
+        report.reasons[row["reason"]] += row["count"]
+    parsed.select("receipt_handle").foreachPartition(release_task(settings, target.queue_url))
+
+
+def read_source(spark: SparkSession, source: str, source_format: str = "auto") -> tuple[DataFrame, str]:
+    """Read backfill files into a DataFrame; return it and the format used.
+
+    JSON Lines are read as text, one raw event per line, so they go through
+    exactly the parsing of a stream record. CSV columns are read as strings
+    and Parquet columns with their own types.
+    """
+    fmt = source_format if source_format != "auto" else _guess_format(source)
+    reader = spark.read.option("recursiveFileLookup", "true")
+    if fmt == "parquet":
+        frame = reader.option("mergeSchema", "true").parquet(source)
+    elif fmt == "csv":
+        frame = reader.option("header", "true").option("inferSchema", "false").csv(source)
+    elif fmt == "json":
+        frame = reader.text(source).withColumnRenamed("value", "body")
+    else:
+        raise ValueError(f"source_format {fmt!r} is invalid: use parquet, json or csv")
+    return frame, fmt
+
+
+def _guess_format(source: str) -> str:
+    lowered = source.rstrip("/").lower()
+    for suffix, fmt in ((".parquet", "parquet"), (".jsonl", "json"), (".json", "json"), (".csv", "csv")):
+        if lowered.endswith(suffix):
+            return fmt
+    raise ValueError(
+        f"cannot tell the format of {source!r} from its name: pass source_format parquet, json or csv"
+    )
+
+
+def run_backfill(spark: SparkSession, options: BackfillOptions, settings: AwsSettings | None = None) -> RunReport:
+    """Apply events from files with the same trip writes; return the run report.
+
+    Invalid rows are counted by reason and, with ``rejects_path``, written
+    there as JSON Lines; the source files stay as they are, so a backfill can
+    be run again after a fix and its writes stay idempotent.
+    """
+    from pyspark.sql import functions as F
+
+    settings = settings or AwsSettings.from_env()
+    report = RunReport(mode="backfill", job_name=options.job_name)
+    frame, fmt = read_source(spark, options.source, options.source_format)
+    frame = frame.withColumn("_source_file", F.input_file_name())
+    parsed = (steps.parse_event_lines(frame) if fmt == "json" else steps.parse_records(frame)).persist(
+        StorageLevel.MEMORY_AND_DISK
+    )
+    try:
+        report.counts["rows_read"] = parsed.count()
+        report.waves = 1
+
+        invalid = steps.invalid_events(parsed)
+        for row in invalid.groupBy("reason").count().collect():
+            report.outcomes["invalid"] += row["count"]
+            report.reasons[row["reason"]] += row["count"]
+        for row in invalid.select("_source_file", "trip_id", "reason", "detail").limit(20).collect():
+            report.samples.append({"problem": "invalid_row", **row.asDict()})
+        if options.rejects_path and report.outcomes["invalid"]:
+            invalid.select("_source_file", "trip_id", "reason", "detail").write.mode("overwrite").json(
+                options.rejects_path
+            )
+            report.counts["rejects_written"] = report.outcomes["invalid"]
+
+        partitions = _parallelism(spark, options.parallelism)
+        events = steps.order_for_writes(steps.collapse_events(steps.valid_events(parsed)), partitions)
+        writer = write_task(settings, options.table_name, options.write_threads)
+        for partial in events.rdd.mapPartitions(writer).collect():
+            report.add(partial)
+    finally:
+        parsed.unpersist()
+
+    failed = report.outcomes.get("retry_later", 0) + report.outcomes.get("rejected", 0)
+    report.finish("source applied" if not failed else f"{failed} events not written: run the backfill again")
+    _publish(report, options.report_path, options.metrics_namespace, settings)
+    return report
+
+
+def _publish(report: RunReport, report_path: str | None, namespace: str | None, settings: AwsSettings) -> None:
+    report.log()
+    if report_path:
+        logger.info("run report written to %s", write_report(report, report_path, settings))
+    if namespace:
+        publish_metrics(report, namespace, settings)
+
