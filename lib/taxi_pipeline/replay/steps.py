@@ -93,7 +93,10 @@ _parse_record_udf = F.udf(parse_record, PARSED_SCHEMA)
 
 
 def _expand(df: DataFrame, parsed: Column) -> DataFrame:
-    return df.withColumn("parsed", parsed).select("*", "parsed.*").drop("parsed")
+    # Source columns named like a result column (a record's own trip_id) give way to the result.
+    result_names = set(PARSED_SCHEMA.fieldNames())
+    kept = [F.col(f"`{name}`") for name in df.columns if name not in result_names]
+    return df.select(*kept, parsed.alias("parsed")).select("*", "parsed.*").drop("parsed")
 
 
 def parse_messages(messages: DataFrame) -> DataFrame:
@@ -108,7 +111,11 @@ def parse_event_lines(lines: DataFrame, kind: EventKind | None = None) -> DataFr
 
 
 def parse_records(records: DataFrame, kind: EventKind | None = None) -> DataFrame:
-    """Parse a DataFrame of typed or string columns (Parquet or CSV backfill), one row an event."""
+    """Parse a DataFrame of typed or string columns (Parquet or CSV backfill), one row an event.
+
+    Columns whose names start with ``_`` (such as ``_source_file``) are kept
+    beside the result and not parsed.
+    """
     columns = [column for column in records.columns if not column.startswith("_")]
     kind_column = F.lit(kind.value if kind else None).cast("string")
     record = F.struct(*[F.col(f"`{column}`") for column in columns])
