@@ -1,0 +1,1 @@
+"""Local tooling, never shipped: local endpoint, packaging, deployment, demo and CLI."""
