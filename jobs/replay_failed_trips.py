@@ -20,7 +20,9 @@ from taxi_pipeline.replay.session import glue_or_spark
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     arguments = resolve_arguments(argv)
-    settings = AwsSettings.from_env(region=arguments.get("region"), endpoint_url=arguments.get("endpoint_url"))
+    settings = AwsSettings.from_env(
+        region=arguments.get("region"), endpoint_url=arguments.get("endpoint_url")
+    )
     spark, job = glue_or_spark(arguments["JOB_NAME"], arguments)
 
     if arguments.get("source"):

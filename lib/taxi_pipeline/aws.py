@@ -35,11 +35,15 @@ class AwsSettings:
 
     def __post_init__(self) -> None:
         if self.retry_mode not in RETRY_MODES:
-            raise ValueError(f"retry_mode {self.retry_mode!r} is invalid: use one of {', '.join(RETRY_MODES)}")
+            raise ValueError(
+                f"retry_mode {self.retry_mode!r} is invalid: use one of {', '.join(RETRY_MODES)}"
+            )
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
         if self.max_pool_connections < 1:
-            raise ValueError(f"max_pool_connections must be at least 1, got {self.max_pool_connections}")
+            raise ValueError(
+                f"max_pool_connections must be at least 1, got {self.max_pool_connections}"
+            )
 
     @classmethod
     def from_env(cls, **overrides: Any) -> AwsSettings:
@@ -53,7 +57,9 @@ class AwsSettings:
             try:
                 values["max_attempts"] = int(attempts)
             except ValueError as exc:
-                raise ValueError(f"AWS_MAX_ATTEMPTS must be a whole number, got {attempts!r}") from exc
+                raise ValueError(
+                    f"AWS_MAX_ATTEMPTS must be a whole number, got {attempts!r}"
+                ) from exc
         values.update({key: value for key, value in overrides.items() if value is not None})
         return cls(**values)
 

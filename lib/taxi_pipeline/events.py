@@ -52,19 +52,21 @@ _DYNAMODB_CONTEXT = Context(prec=38)
 _MIN_EXPONENT, _MAX_EXPONENT = -130, 125
 _PORTAL_TIMESTAMP = "%Y/%m/%d %I:%M:%S %p"
 # Plain decimals with optional thousands separators, or scientific notation.
-_NUMBER_TEXT = re.compile(r"^[+-]?(\d{1,3}(,\d{3})+|\d+)(\.\d+)?$|^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+_NUMBER_TEXT = re.compile(
+    r"^[+-]?(\d{1,3}(,\d{3})+|\d+)(\.\d+)?$|^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"
+)
 _CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 MISSING_VALUE_PLACEHOLDERS = frozenset({"-"})
 
 
-class EventKind(str, enum.Enum):
+class EventKind(enum.StrEnum):
     """The two kinds of trip event, one per Kinesis stream."""
 
     START = "start"
     END = "end"
 
 
-class Reason(str, enum.Enum):
+class Reason(enum.StrEnum):
     """Stable reason codes for invalid events. Alarms and reports key on these values."""
 
     BODY_TOO_LARGE = "body_too_large"
@@ -195,13 +197,17 @@ def decode_body(body: bytes | str) -> dict[str, Any]:
         ) from exc
 
     try:
-        value = json.loads(text, parse_float=Decimal, parse_int=Decimal, parse_constant=_reject_constant)
+        value = json.loads(
+            text, parse_float=Decimal, parse_int=Decimal, parse_constant=_reject_constant
+        )
     except _NonFiniteNumber as exc:
         raise InvalidEventError(
             Reason.NUMBER_NOT_FINITE.value, f"body contains the non-finite number {exc.args[0]}"
         ) from exc
     except (json.JSONDecodeError, RecursionError) as exc:
-        raise InvalidEventError(Reason.BODY_NOT_JSON.value, f"body is not valid JSON: {exc}") from exc
+        raise InvalidEventError(
+            Reason.BODY_NOT_JSON.value, f"body is not valid JSON: {exc}"
+        ) from exc
 
     if not isinstance(value, dict):
         raise InvalidEventError(
@@ -283,7 +289,13 @@ def validate_record(record: Mapping[str, Any], kind: EventKind) -> TripEvent:
 
 
 _NUMBER_TYPES = frozenset(
-    {_FieldType.MONEY, _FieldType.COUNT, _FieldType.MEASURE, _FieldType.LATITUDE, _FieldType.LONGITUDE}
+    {
+        _FieldType.MONEY,
+        _FieldType.COUNT,
+        _FieldType.MEASURE,
+        _FieldType.LATITUDE,
+        _FieldType.LONGITUDE,
+    }
 )
 
 
@@ -293,7 +305,10 @@ def event_to_json(event: TripEvent) -> str:
         {
             "kind": event.kind.value,
             "trip_id": event.trip_id,
-            "attributes": {name: None if value is None else str(value) for name, value in event.attributes.items()},
+            "attributes": {
+                name: None if value is None else str(value)
+                for name, value in event.attributes.items()
+            },
             "version": event.version,
             "digest": event.digest,
             "ignored_fields": list(event.ignored_fields),
@@ -309,7 +324,9 @@ def event_from_json(text: str) -> TripEvent:
     kind = EventKind(document["kind"])
     schema = SCHEMAS[kind]
     attributes = {
-        name: None if value is None else (Decimal(value) if schema[name] in _NUMBER_TYPES else value)
+        name: None
+        if value is None
+        else (Decimal(value) if schema[name] in _NUMBER_TYPES else value)
         for name, value in document["attributes"].items()
     }
     return TripEvent(
@@ -354,7 +371,11 @@ def _validate_trip_id(record: Mapping[str, Any], problems: list) -> str | None:
     value = record["trip_id"]
     if not isinstance(value, str):
         problems.append(
-            (Reason.WRONG_TYPE.value, "trip_id", f"trip_id must be a string, got {type(value).__name__}")
+            (
+                Reason.WRONG_TYPE.value,
+                "trip_id",
+                f"trip_id must be a string, got {type(value).__name__}",
+            )
         )
         return None
 
@@ -409,13 +430,17 @@ def _normalise_text(value: Any) -> str | None:
     if not text or text in MISSING_VALUE_PLACEHOLDERS:
         return None
     if len(text) > MAX_TEXT_LENGTH:
-        raise _FieldProblem(Reason.TEXT_TOO_LONG, f"text is longer than {MAX_TEXT_LENGTH} characters")
+        raise _FieldProblem(
+            Reason.TEXT_TOO_LONG, f"text is longer than {MAX_TEXT_LENGTH} characters"
+        )
     return text
 
 
 def _normalise_timestamp(value: Any) -> str | None:
     if not isinstance(value, str):
-        raise _FieldProblem(Reason.WRONG_TYPE, f"expected a timestamp string, got {type(value).__name__}")
+        raise _FieldProblem(
+            Reason.WRONG_TYPE, f"expected a timestamp string, got {type(value).__name__}"
+        )
     text = value.strip()
     if not text:
         return None
@@ -502,7 +527,9 @@ def _normalise_coordinate(limit: int) -> Callable[[Any], Decimal | None]:
     def normalise(value: Any) -> Decimal | None:
         number = _to_decimal(value)
         if number is not None and not -limit <= number <= limit:
-            raise _FieldProblem(Reason.COORDINATE_OUT_OF_RANGE, f"{number} is outside [-{limit}, {limit}]")
+            raise _FieldProblem(
+                Reason.COORDINATE_OUT_OF_RANGE, f"{number} is outside [-{limit}, {limit}]"
+            )
         return number
 
     return normalise

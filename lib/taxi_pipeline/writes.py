@@ -62,10 +62,15 @@ _RETRYABLE_CODES = {
     "UnrecognizedClientException": "access_denied",
     "ExpiredTokenException": "access_denied",
 }
-_NETWORK_ERRORS = (EndpointConnectionError, ConnectionClosedError, ConnectTimeoutError, ReadTimeoutError)
+_NETWORK_ERRORS = (
+    EndpointConnectionError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    ReadTimeoutError,
+)
 
 
-class WriteOutcome(str, enum.Enum):
+class WriteOutcome(enum.StrEnum):
     """What a successful write did."""
 
     APPLIED = "applied"
@@ -137,11 +142,17 @@ class TripWriter:
     container, per Spark task) from plain ``AwsSettings``.
     """
 
-    def __init__(self, table_name: str, client: Any = None, settings: AwsSettings | None = None) -> None:
+    def __init__(
+        self, table_name: str, client: Any = None, settings: AwsSettings | None = None
+    ) -> None:
         if not table_name:
             raise ValueError("table_name is empty: set the DynamoDB table of the trips")
         self.table_name = table_name
-        self.client = client if client is not None else (settings or AwsSettings.from_env()).client("dynamodb")
+        self.client = (
+            client
+            if client is not None
+            else (settings or AwsSettings.from_env()).client("dynamodb")
+        )
 
     def apply(self, event: TripEvent) -> WriteResult:
         """Write one event; return APPLIED, DUPLICATE or STALE, or raise a ``WriteError``."""
@@ -151,9 +162,13 @@ class TripWriter:
         except ClientError as exc:
             return self._classify_client_error(event, exc)
         except _NETWORK_ERRORS as exc:
-            raise RetryableWriteError(event.trip_id, "network_error", str(exc), code=type(exc).__name__) from exc
+            raise RetryableWriteError(
+                event.trip_id, "network_error", str(exc), code=type(exc).__name__
+            ) from exc
         except BotoCoreError as exc:
-            raise RetryableWriteError(event.trip_id, "client_error", str(exc), code=type(exc).__name__) from exc
+            raise RetryableWriteError(
+                event.trip_id, "client_error", str(exc), code=type(exc).__name__
+            ) from exc
         return WriteResult(event.trip_id, event.kind, WriteOutcome.APPLIED)
 
     def _classify_client_error(self, event: TripEvent, exc: ClientError) -> WriteResult:
@@ -166,12 +181,18 @@ class TripWriter:
 
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         if code in _RETRYABLE_CODES:
-            raise RetryableWriteError(event.trip_id, _RETRYABLE_CODES[code], message, code=code) from exc
+            raise RetryableWriteError(
+                event.trip_id, _RETRYABLE_CODES[code], message, code=code
+            ) from exc
         if status >= 500:
-            raise RetryableWriteError(event.trip_id, "service_error", message or code, code=code) from exc
+            raise RetryableWriteError(
+                event.trip_id, "service_error", message or code, code=code
+            ) from exc
         if code == "ValidationException" and "size" in message.lower():
             raise PermanentWriteError(event.trip_id, "item_too_large", message, code=code) from exc
-        raise PermanentWriteError(event.trip_id, "write_rejected", f"{code}: {message}", code=code) from exc
+        raise PermanentWriteError(
+            event.trip_id, "write_rejected", f"{code}: {message}", code=code
+        ) from exc
 
 
 def _condition_outcome(event: TripEvent, exc: ClientError) -> WriteOutcome:

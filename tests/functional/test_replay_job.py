@@ -40,14 +40,22 @@ def end(trip_id: str, **fields) -> dict:
 
 
 def wrap(body: dict, kind: EventKind) -> str:
-    error = RetryableWriteError(body["trip_id"], "throttled", "Rate exceeded", code="ThrottlingException")
-    source = {"stream_arn": "arn:aws:kinesis:us-east-1:000000000000:stream/end-trip-stream", "sequence_number": "1"}
+    error = RetryableWriteError(
+        body["trip_id"], "throttled", "Rate exceeded", code="ThrottlingException"
+    )
+    source = {
+        "stream_arn": "arn:aws:kinesis:us-east-1:000000000000:stream/end-trip-stream",
+        "sequence_number": "1",
+    }
     return build_envelope(kind, json.dumps(body), error, source, function_name="end-taxi-trips")
 
 
 def send_all(sqs, queue_url: str, bodies: list[str]) -> None:
     for offset in range(0, len(bodies), 10):
-        entries = [{"Id": str(i), "MessageBody": body} for i, body in enumerate(bodies[offset : offset + 10])]
+        entries = [
+            {"Id": str(i), "MessageBody": body}
+            for i, body in enumerate(bodies[offset : offset + 10])
+        ]
         response = sqs.send_message_batch(QueueUrl=queue_url, Entries=entries)
         assert not response.get("Failed"), response["Failed"]
 
@@ -65,7 +73,10 @@ def drain(sqs, queue_url: str) -> list[dict]:
     messages = []
     while True:
         response = sqs.receive_message(
-            QueueUrl=queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=1, MessageAttributeNames=["All"]
+            QueueUrl=queue_url,
+            MaxNumberOfMessages=10,
+            WaitTimeSeconds=1,
+            MessageAttributeNames=["All"],
         )
         batch = response.get("Messages", [])
         if not batch:
@@ -78,7 +89,9 @@ def visible_count(sqs, queue_url: str) -> int:
     return queue_counts(sqs, queue_url)["ApproximateNumberOfMessages"]
 
 
-def test_drain_applies_mixed_queue_exactly(spark, sqs, dynamodb, trip_table, make_queue, aws_settings):
+def test_drain_applies_mixed_queue_exactly(
+    spark, sqs, dynamodb, trip_table, make_queue, aws_settings
+):
     # GIVEN duplicates, out-of-order events, reserved field names, poison messages and bare bodies
     queue = make_queue("retry", dead_letter=True)
     events = {
@@ -104,7 +117,9 @@ def test_drain_applies_mixed_queue_exactly(spark, sqs, dynamodb, trip_table, mak
     send_all(sqs, queue.url, bodies)
 
     # WHEN the job drains the queue
-    report = run_replay(spark, ReplayOptions(queue_url=queue.url, table_name=trip_table, **FAST), aws_settings)
+    report = run_replay(
+        spark, ReplayOptions(queue_url=queue.url, table_name=trip_table, **FAST), aws_settings
+    )
 
     # THEN the table holds exactly the model's items
     expected = {
@@ -136,7 +151,9 @@ def test_drain_applies_mixed_queue_exactly(spark, sqs, dynamodb, trip_table, mak
 
 def test_empty_queue_ends_at_once(spark, trip_table, make_queue, aws_settings):
     queue = make_queue("empty", dead_letter=True)
-    report = run_replay(spark, ReplayOptions(queue_url=queue.url, table_name=trip_table, **FAST), aws_settings)
+    report = run_replay(
+        spark, ReplayOptions(queue_url=queue.url, table_name=trip_table, **FAST), aws_settings
+    )
 
     summary = report.to_dict()
     assert summary["stop_reason"] == "queue drained"
@@ -147,7 +164,9 @@ def test_empty_queue_ends_at_once(spark, trip_table, make_queue, aws_settings):
 def test_delete_with_stale_receipt_handle_is_reported(sqs, make_queue):
     queue = make_queue("stale")
     send_all(sqs, queue.url, [json.dumps(end("s1"))])
-    handle = sqs.receive_message(QueueUrl=queue.url, MaxNumberOfMessages=1)["Messages"][0]["ReceiptHandle"]
+    handle = sqs.receive_message(QueueUrl=queue.url, MaxNumberOfMessages=1)["Messages"][0][
+        "ReceiptHandle"
+    ]
 
     deleted, failed = delete_messages(sqs, queue.url, [handle, "not-a-receipt-handle"])
 
@@ -159,7 +178,9 @@ def test_failing_writes_stay_on_queue_and_run_ends(spark, sqs, make_queue, aws_s
     # GIVEN valid events and a table that does not exist, so every write fails as retryable
     queue = make_queue("failing", dead_letter=True)
     send_all(sqs, queue.url, [json.dumps(end(f"f{n}")) for n in range(5)])
-    options = ReplayOptions(queue_url=queue.url, table_name="no_such_trip_table", retry_delay_seconds=60, **FAST)
+    options = ReplayOptions(
+        queue_url=queue.url, table_name="no_such_trip_table", retry_delay_seconds=60, **FAST
+    )
 
     # WHEN the job runs
     report = run_replay(spark, options, aws_settings)
@@ -170,11 +191,16 @@ def test_failing_writes_stay_on_queue_and_run_ends(spark, sqs, make_queue, aws_s
     assert summary["outcomes"] == {"retry_later": 5}
     assert summary["reasons"] == {"write_table_not_found": 5}
     counts = queue_counts(sqs, queue.url)
-    assert (counts["ApproximateNumberOfMessages"], counts["ApproximateNumberOfMessagesNotVisible"]) == (0, 5)
+    assert (
+        counts["ApproximateNumberOfMessages"],
+        counts["ApproximateNumberOfMessagesNotVisible"],
+    ) == (0, 5)
     assert drain(sqs, queue.dead_letter_url) == []
 
 
-def test_dry_run_writes_and_deletes_nothing(spark, sqs, dynamodb, trip_table, make_queue, aws_settings):
+def test_dry_run_writes_and_deletes_nothing(
+    spark, sqs, dynamodb, trip_table, make_queue, aws_settings
+):
     queue = make_queue("dry", dead_letter=True)
     send_all(sqs, queue.url, [json.dumps(end("d1")), json.dumps(end("d1")), "oops"])
     options = ReplayOptions(queue_url=queue.url, table_name=trip_table, dry_run=True, **FAST)
@@ -216,7 +242,9 @@ def _job_command(queue_url: str, table: str, *extra: str) -> list[str]:
     ]
 
 
-def test_job_stopped_mid_wave_converges_on_rerun(sqs, dynamodb, trip_table, make_queue, endpoint_url):
+def test_job_stopped_mid_wave_converges_on_rerun(
+    sqs, dynamodb, trip_table, make_queue, endpoint_url
+):
     # GIVEN a queue of 400 events of 200 trips, each sent twice
     queue = make_queue("restart", dead_letter=True, max_receive_count=10)
     trips = [(end(f"r{n}", tip=n), start(f"r{n}")) for n in range(200)]
@@ -225,7 +253,16 @@ def test_job_stopped_mid_wave_converges_on_rerun(sqs, dynamodb, trip_table, make
     env = {**os.environ, "AWS_ENDPOINT_URL": endpoint_url, "PYSPARK_PYTHON": sys.executable}
 
     # WHEN the job is killed while its first wave is writing
-    fast = ["--wait_time_seconds", "1", "--visibility_timeout", "5", "--wave_size", "200", "--write_threads", "2"]
+    fast = [
+        "--wait_time_seconds",
+        "1",
+        "--visibility_timeout",
+        "5",
+        "--wave_size",
+        "200",
+        "--write_threads",
+        "2",
+    ]
     process = subprocess.Popen(
         _job_command(queue.url, trip_table, *fast),
         env=env,
@@ -235,7 +272,10 @@ def test_job_stopped_mid_wave_converges_on_rerun(sqs, dynamodb, trip_table, make
     )
     try:
         deadline = time.time() + 120
-        while time.time() < deadline and dynamodb.scan(TableName=trip_table, Select="COUNT")["Count"] == 0:
+        while (
+            time.time() < deadline
+            and dynamodb.scan(TableName=trip_table, Select="COUNT")["Count"] == 0
+        ):
             time.sleep(0.2)
     finally:
         os.killpg(process.pid, signal.SIGKILL)
@@ -246,7 +286,11 @@ def test_job_stopped_mid_wave_converges_on_rerun(sqs, dynamodb, trip_table, make
     # AND started again after the in-flight messages became visible
     time.sleep(6)
     rerun = subprocess.run(
-        _job_command(queue.url, trip_table, *fast), env=env, capture_output=True, text=True, timeout=300
+        _job_command(queue.url, trip_table, *fast),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
 
@@ -257,7 +301,9 @@ def test_job_stopped_mid_wave_converges_on_rerun(sqs, dynamodb, trip_table, make
         assert items[f"r{n}"]["tip"] == Decimal(n)
         assert items[f"r{n}"]["trip_status"] == "ended"
     counts = queue_counts(sqs, queue.url)
-    assert counts["ApproximateNumberOfMessages"] + counts["ApproximateNumberOfMessagesNotVisible"] == 0
+    assert (
+        counts["ApproximateNumberOfMessages"] + counts["ApproximateNumberOfMessagesNotVisible"] == 0
+    )
     assert drain(sqs, queue.dead_letter_url) == []
 
 
@@ -288,17 +334,23 @@ def expected_from_rows(starts, ends) -> dict[str, dict]:
     by_trip: dict[str, list] = {}
     for event in events:
         by_trip.setdefault(event.trip_id, []).append(event)
-    return {trip_id: model_final(natural_order(trip_events)) for trip_id, trip_events in by_trip.items()}
+    return {
+        trip_id: model_final(natural_order(trip_events)) for trip_id, trip_events in by_trip.items()
+    }
 
 
-def test_backfill_real_sample_from_parquet(spark, dynamodb, trip_table, aws_settings, sample_rows, tmp_path):
+def test_backfill_real_sample_from_parquet(
+    spark, dynamodb, trip_table, aws_settings, sample_rows, tmp_path
+):
     # GIVEN the real sample's two Parquet files in one folder
     starts, ends = sample_rows
     pq.write_table(starts, tmp_path / "start.parquet")
     pq.write_table(ends, tmp_path / "end.parquet")
 
     # WHEN it is backfilled, twice
-    options = BackfillOptions(source=str(tmp_path), table_name=trip_table, source_format="parquet", write_threads=8)
+    options = BackfillOptions(
+        source=str(tmp_path), table_name=trip_table, source_format="parquet", write_threads=8
+    )
     first = run_backfill(spark, options, aws_settings).to_dict()
     second = run_backfill(spark, options, aws_settings).to_dict()
 
@@ -309,7 +361,9 @@ def test_backfill_real_sample_from_parquet(spark, dynamodb, trip_table, aws_sett
     assert scan_table(dynamodb, trip_table) == expected_from_rows(starts, ends)
 
 
-def test_backfill_json_lines_and_csv_report_bad_rows(spark, dynamodb, trip_table, aws_settings, tmp_path):
+def test_backfill_json_lines_and_csv_report_bad_rows(
+    spark, dynamodb, trip_table, aws_settings, tmp_path
+):
     lines = [json.dumps(start("j1", hail_type="street")), json.dumps(end("j1", tip=2.5)), "{broken"]
     (tmp_path / "events.jsonl").write_text("\n".join(lines) + "\n")
     csv_dir = tmp_path / "csv"
@@ -325,10 +379,18 @@ def test_backfill_json_lines_and_csv_report_bad_rows(spark, dynamodb, trip_table
 
     jsonl = run_backfill(
         spark,
-        BackfillOptions(source=str(tmp_path / "events.jsonl"), table_name=trip_table, rejects_path=str(tmp_path / "rej")),
+        BackfillOptions(
+            source=str(tmp_path / "events.jsonl"),
+            table_name=trip_table,
+            rejects_path=str(tmp_path / "rej"),
+        ),
         aws_settings,
     ).to_dict()
-    csv = run_backfill(spark, BackfillOptions(source=str(csv_dir), table_name=trip_table, source_format="csv"), aws_settings)
+    csv = run_backfill(
+        spark,
+        BackfillOptions(source=str(csv_dir), table_name=trip_table, source_format="csv"),
+        aws_settings,
+    )
 
     assert jsonl["outcomes"] == {"applied": 2, "invalid": 1}
     assert jsonl["reasons"] == {"body_not_json": 1}

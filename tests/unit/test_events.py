@@ -10,9 +10,9 @@ import pytest
 from taxi_pipeline.errors import InvalidEventError
 from taxi_pipeline.events import (
     MAX_EVENT_BYTES,
+    EventKind,
     event_from_json,
     event_to_json,
-    EventKind,
     infer_kind,
     parse_event,
     revision_of,
@@ -93,7 +93,9 @@ def test_iso_timestamps_are_converted_to_san_francisco(given, stored):
 
 
 def test_float_from_json_is_exact_decimal():
-    event = parse_event(b'{"trip_id":"a","end_time_local":"2023/01/23 06:49:34 AM","tip":30.40}', "end")
+    event = parse_event(
+        b'{"trip_id":"a","end_time_local":"2023/01/23 06:49:34 AM","tip":30.40}', "end"
+    )
     assert event.attributes["tip"] == Decimal("30.4")
     assert str(event.attributes["tip"]) == "30.4"
 
@@ -112,7 +114,10 @@ def test_thousands_separators_are_numbers():
     ("body", "reason"),
     [
         (b'{"trip_id": NaN}', "number_not_finite"),
-        (b'{"trip_id": "a", "start_time_local": "2023/01/23 06:37:21 AM", "tip": Infinity}', "number_not_finite"),
+        (
+            b'{"trip_id": "a", "start_time_local": "2023/01/23 06:37:21 AM", "tip": Infinity}',
+            "number_not_finite",
+        ),
         (b"[1, 2]", "body_not_object"),
         (b'"text"', "body_not_object"),
         (b"\xff\xfe", "body_not_utf8"),
@@ -195,7 +200,9 @@ def test_kind_is_inferred_from_timestamp_field():
 
 def test_same_content_gives_same_digest():
     first = parse_event(end_body(tip=30.4), EventKind.END)
-    second = parse_event(b'{"tip": 30.40, "end_time_local": "2023-01-23T06:49:34", "trip_id": "trip-1"}', "end")
+    second = parse_event(
+        b'{"tip": 30.40, "end_time_local": "2023-01-23T06:49:34", "trip_id": "trip-1"}', "end"
+    )
     assert first.digest == second.digest
 
 
@@ -205,5 +212,7 @@ def test_revision_orders_versions_numerically():
 
 
 def test_event_json_round_trip_is_lossless():
-    event = parse_event(end_body(tip=30.40, trip_distance_meters="2,735.8848", qa_flags="LP-"), EventKind.END)
+    event = parse_event(
+        end_body(tip=30.40, trip_distance_meters="2,735.8848", qa_flags="LP-"), EventKind.END
+    )
     assert event_from_json(event_to_json(event)) == event

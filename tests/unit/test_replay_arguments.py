@@ -22,7 +22,15 @@ def test_optional_arguments_may_all_be_absent():
 
 
 def test_optional_arguments_are_typed():
-    argv = BASE + ["--max_messages", "50", "--dry_run", "true", "--wait_time_seconds=2", "--report_path", "/tmp/r"]
+    argv = BASE + [
+        "--max_messages",
+        "50",
+        "--dry_run",
+        "true",
+        "--wait_time_seconds=2",
+        "--report_path",
+        "/tmp/r",
+    ]
     options = replay_options(resolve_arguments(argv))
     assert (options.max_messages, options.dry_run, options.wait_time_seconds) == (50, True, 2)
     assert options.report_path == "/tmp/r"
@@ -64,9 +72,15 @@ def test_out_of_range_options_are_rejected(field, value, message):
 
 
 def test_backfill_options_from_arguments():
-    arguments = resolve_arguments(BASE + ["--source", "s3://bucket/events/", "--source_format", "parquet"])
+    arguments = resolve_arguments(
+        BASE + ["--source", "s3://bucket/events/", "--source_format", "parquet"]
+    )
     options = backfill_options(arguments)
-    assert (options.source, options.source_format, options.table_name) == ("s3://bucket/events/", "parquet", "trips")
+    assert (options.source, options.source_format, options.table_name) == (
+        "s3://bucket/events/",
+        "parquet",
+        "trips",
+    )
 
 
 def test_flag_without_value_reads_as_true():

@@ -75,7 +75,10 @@ def test_collapse_merges_identical_events(spark, messages):
         [("t1", "end", 2), ("t1", "start", 1)], "trip_id string, kind string, copies long"
     )
     assert_df_equality(
-        collapsed.select("trip_id", "kind", "copies"), expected, ignore_row_order=True, ignore_nullable=True
+        collapsed.select("trip_id", "kind", "copies"),
+        expected,
+        ignore_row_order=True,
+        ignore_nullable=True,
     )
 
 
@@ -106,7 +109,14 @@ def test_order_rejects_zero_partitions(spark):
 
 def test_parse_records_accepts_parquet_floats(spark):
     records = spark.createDataFrame(
-        [Row(trip_id="p1", end_time_local="2023/01/23 06:49:34 AM", tip=30.40, fare_time_milliseconds="2,081,284")]
+        [
+            Row(
+                trip_id="p1",
+                end_time_local="2023/01/23 06:49:34 AM",
+                tip=30.40,
+                fare_time_milliseconds="2,081,284",
+            )
+        ]
     )
     parsed = steps.parse_records(records).collect()[0]
     assert parsed["valid"]

@@ -14,14 +14,24 @@ TRIP_ID = "trip-7"
 
 def start_event(version: int = 0, **fields):
     return parse_event(
-        {"trip_id": TRIP_ID, "start_time_local": "2023/01/23 06:37:21 AM", "event_version": version, **fields},
+        {
+            "trip_id": TRIP_ID,
+            "start_time_local": "2023/01/23 06:37:21 AM",
+            "event_version": version,
+            **fields,
+        },
         EventKind.START,
     )
 
 
 def end_event(version: int = 0, **fields):
     return parse_event(
-        {"trip_id": TRIP_ID, "end_time_local": "2023/01/23 06:49:34 AM", "event_version": version, **fields},
+        {
+            "trip_id": TRIP_ID,
+            "end_time_local": "2023/01/23 06:49:34 AM",
+            "event_version": version,
+            **fields,
+        },
         EventKind.END,
     )
 
@@ -72,8 +82,14 @@ def test_older_version_never_replaces_newer():
 # Distinct events of one trip: a few versions and contents of each kind.
 trip_events = st.lists(
     st.one_of(
-        st.builds(start_event, version=st.integers(0, 3), hail_type=st.sampled_from(["street", "dispatch", None])),
-        st.builds(end_event, version=st.integers(0, 3), tip=st.sampled_from([0, 1.5, "2,000.10", None])),
+        st.builds(
+            start_event,
+            version=st.integers(0, 3),
+            hail_type=st.sampled_from(["street", "dispatch", None]),
+        ),
+        st.builds(
+            end_event, version=st.integers(0, 3), tip=st.sampled_from([0, 1.5, "2,000.10", None])
+        ),
     ),
     min_size=1,
     max_size=6,
@@ -84,7 +100,9 @@ trip_events = st.lists(
 @given(events=trip_events, data=st.data())
 def test_any_order_and_repetition_gives_same_item(events, data):
     # GIVEN a delivery of the events in any order, each any number of times
-    deliveries = data.draw(st.lists(st.sampled_from(events), min_size=len(events), max_size=3 * len(events)))
+    deliveries = data.draw(
+        st.lists(st.sampled_from(events), min_size=len(events), max_size=3 * len(events))
+    )
     deliveries += events
     shuffled = data.draw(st.permutations(deliveries))
 

@@ -29,7 +29,10 @@ OPTIONAL: dict[str, tuple[type, str]] = {
     "dry_run_visibility_timeout": (int, "visibility timeout of a dry run's receives"),
     "report_path": (str, "write the run report as JSON to this local path or s3:// URI"),
     "metrics_namespace": (str, "send outcome counts as CloudWatch metrics to this namespace"),
-    "source": (str, "backfill from these files (local path or s3:// URI) instead of draining the queue"),
+    "source": (
+        str,
+        "backfill from these files (local path or s3:// URI) instead of draining the queue",
+    ),
     "source_format": (str, "auto, parquet, json (JSON Lines) or csv"),
     "rejects_path": (str, "backfill: write invalid rows as JSON Lines here"),
     "region": (str, "AWS region; default: the environment's"),

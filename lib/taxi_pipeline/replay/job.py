@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 
@@ -24,7 +25,13 @@ from taxi_pipeline.replay import steps
 from taxi_pipeline.replay.options import BackfillOptions, ReplayOptions
 from taxi_pipeline.replay.queue import ReceiveQuota, dead_letter_queue_of, queue_counts
 from taxi_pipeline.replay.report import RunReport, publish_metrics, write_report
-from taxi_pipeline.replay.tasks import QueueTarget, dead_letter_task, receive_task, release_task, write_task
+from taxi_pipeline.replay.tasks import (
+    QueueTarget,
+    dead_letter_task,
+    receive_task,
+    release_task,
+    write_task,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +54,9 @@ def _parallelism(spark: SparkSession, requested: int | None) -> int:
     return requested or max(1, spark.sparkContext.defaultParallelism)
 
 
-def run_replay(spark: SparkSession, options: ReplayOptions, settings: AwsSettings | None = None) -> RunReport:
+def run_replay(
+    spark: SparkSession, options: ReplayOptions, settings: AwsSettings | None = None
+) -> RunReport:
     """Drain the retry queue into the trip table and return the run report."""
     settings = settings or AwsSettings.from_env()
     report = RunReport(mode="dry_run" if options.dry_run else "replay", job_name=options.job_name)
@@ -63,7 +72,9 @@ def run_replay(spark: SparkSession, options: ReplayOptions, settings: AwsSetting
     target = QueueTarget(
         queue_url=options.queue_url,
         dead_letter_queue_url=dead_letter_url,
-        visibility_timeout=options.dry_run_visibility_timeout if options.dry_run else options.visibility_timeout,
+        visibility_timeout=options.dry_run_visibility_timeout
+        if options.dry_run
+        else options.visibility_timeout,
         retry_delay_seconds=options.retry_delay_seconds,
     )
     logger.info(
@@ -89,7 +100,9 @@ def run_replay(spark: SparkSession, options: ReplayOptions, settings: AwsSetting
         wave_budget = options.wave_size
         if options.max_messages is not None:
             wave_budget = min(wave_budget, options.max_messages - received_so_far)
-        received = _run_wave(spark, options, settings, target, partitions, wave_budget, deadline, report)
+        received = _run_wave(
+            spark, options, settings, target, partitions, wave_budget, deadline, report
+        )
 
         if options.dry_run:
             report.finish("dry run sampled one wave")
@@ -99,14 +112,20 @@ def run_replay(spark: SparkSession, options: ReplayOptions, settings: AwsSetting
             continue
 
         counts = queue_counts(sqs, options.queue_url)
-        waiting = counts["ApproximateNumberOfMessages"] + counts["ApproximateNumberOfMessagesDelayed"]
+        waiting = (
+            counts["ApproximateNumberOfMessages"] + counts["ApproximateNumberOfMessagesDelayed"]
+        )
         if waiting == 0:
-            report.counts["messages_in_flight_at_end"] = counts["ApproximateNumberOfMessagesNotVisible"]
+            report.counts["messages_in_flight_at_end"] = counts[
+                "ApproximateNumberOfMessagesNotVisible"
+            ]
             report.finish("queue drained")
             break
         empty_waves += 1
         if empty_waves >= options.max_empty_waves:
-            report.finish(f"no messages received in {empty_waves} waves while the queue reports {waiting}")
+            report.finish(
+                f"no messages received in {empty_waves} waves while the queue reports {waiting}"
+            )
             break
 
     _publish(report, options.report_path, options.metrics_namespace, settings)
@@ -141,7 +160,9 @@ def _run_wave(
     received_rdd = context.parallelize(range(partitions), partitions).mapPartitions(
         receive_task(settings, options.queue_url, quota, counters)
     )
-    messages = spark.createDataFrame(received_rdd, steps.MESSAGE_SCHEMA).persist(StorageLevel.MEMORY_AND_DISK)
+    messages = spark.createDataFrame(received_rdd, steps.MESSAGE_SCHEMA).persist(
+        StorageLevel.MEMORY_AND_DISK
+    )
     try:
         received = messages.count()
         receive_seconds = time.time() - wave_started
@@ -194,7 +215,9 @@ def _settle_wave(
         report.add(partial)
 
 
-def _dry_run_wave(parsed: DataFrame, settings: AwsSettings, target: QueueTarget, report: RunReport) -> None:
+def _dry_run_wave(
+    parsed: DataFrame, settings: AwsSettings, target: QueueTarget, report: RunReport
+) -> None:
     valid = steps.valid_events(parsed)
     report.outcomes["would_apply"] += valid.count()
     report.counts["distinct_events"] += steps.collapse_events(valid).count()
@@ -205,7 +228,9 @@ def _dry_run_wave(parsed: DataFrame, settings: AwsSettings, target: QueueTarget,
     parsed.select("receipt_handle").foreachPartition(release_task(settings, target.queue_url))
 
 
-def read_source(spark: SparkSession, source: str, source_format: str = "auto") -> tuple[DataFrame, str]:
+def read_source(
+    spark: SparkSession, source: str, source_format: str = "auto"
+) -> tuple[DataFrame, str]:
     """Read backfill files into a DataFrame; return it and the format used.
 
     JSON Lines are read as text, one raw event per line, so they go through
@@ -227,7 +252,12 @@ def read_source(spark: SparkSession, source: str, source_format: str = "auto") -
 
 def _guess_format(source: str) -> str:
     lowered = source.rstrip("/").lower()
-    for suffix, fmt in ((".parquet", "parquet"), (".jsonl", "json"), (".json", "json"), (".csv", "csv")):
+    for suffix, fmt in (
+        (".parquet", "parquet"),
+        (".jsonl", "json"),
+        (".json", "json"),
+        (".csv", "csv"),
+    ):
         if lowered.endswith(suffix):
             return fmt
     raise ValueError(
@@ -235,7 +265,9 @@ def _guess_format(source: str) -> str:
     )
 
 
-def run_backfill(spark: SparkSession, options: BackfillOptions, settings: AwsSettings | None = None) -> RunReport:
+def run_backfill(
+    spark: SparkSession, options: BackfillOptions, settings: AwsSettings | None = None
+) -> RunReport:
     """Apply events from files with the same trip writes; return the run report.
 
     Invalid rows are counted by reason and, with ``rejects_path``, written
@@ -248,9 +280,9 @@ def run_backfill(spark: SparkSession, options: BackfillOptions, settings: AwsSet
     report = RunReport(mode="backfill", job_name=options.job_name)
     frame, fmt = read_source(spark, options.source, options.source_format)
     frame = frame.withColumn("_source_file", F.input_file_name())
-    parsed = (steps.parse_event_lines(frame) if fmt == "json" else steps.parse_records(frame)).persist(
-        StorageLevel.MEMORY_AND_DISK
-    )
+    parsed = (
+        steps.parse_event_lines(frame) if fmt == "json" else steps.parse_records(frame)
+    ).persist(StorageLevel.MEMORY_AND_DISK)
     try:
         report.counts["rows_read"] = parsed.count()
         report.waves = 1
@@ -259,16 +291,20 @@ def run_backfill(spark: SparkSession, options: BackfillOptions, settings: AwsSet
         for row in invalid.groupBy("reason").count().collect():
             report.outcomes["invalid"] += row["count"]
             report.reasons[row["reason"]] += row["count"]
-        for row in invalid.select("_source_file", "trip_id", "reason", "detail").limit(20).collect():
+        for row in (
+            invalid.select("_source_file", "trip_id", "reason", "detail").limit(20).collect()
+        ):
             report.samples.append({"problem": "invalid_row", **row.asDict()})
         if options.rejects_path and report.outcomes["invalid"]:
-            invalid.select("_source_file", "trip_id", "reason", "detail").write.mode("overwrite").json(
-                options.rejects_path
-            )
+            invalid.select("_source_file", "trip_id", "reason", "detail").write.mode(
+                "overwrite"
+            ).json(options.rejects_path)
             report.counts["rejects_written"] = report.outcomes["invalid"]
 
         partitions = _parallelism(spark, options.parallelism)
-        events = steps.order_for_writes(steps.collapse_events(steps.valid_events(parsed)), partitions)
+        events = steps.order_for_writes(
+            steps.collapse_events(steps.valid_events(parsed)), partitions
+        )
         writer = write_task(settings, options.table_name, options.write_threads)
         for partial in events.rdd.mapPartitions(writer).collect():
             report.add(partial)
@@ -276,15 +312,18 @@ def run_backfill(spark: SparkSession, options: BackfillOptions, settings: AwsSet
         parsed.unpersist()
 
     failed = report.outcomes.get("retry_later", 0) + report.outcomes.get("rejected", 0)
-    report.finish("source applied" if not failed else f"{failed} events not written: run the backfill again")
+    report.finish(
+        "source applied" if not failed else f"{failed} events not written: run the backfill again"
+    )
     _publish(report, options.report_path, options.metrics_namespace, settings)
     return report
 
 
-def _publish(report: RunReport, report_path: str | None, namespace: str | None, settings: AwsSettings) -> None:
+def _publish(
+    report: RunReport, report_path: str | None, namespace: str | None, settings: AwsSettings
+) -> None:
     report.log()
     if report_path:
         logger.info("run report written to %s", write_report(report, report_path, settings))
     if namespace:
         publish_metrics(report, namespace, settings)
-

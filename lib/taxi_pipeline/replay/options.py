@@ -51,14 +51,24 @@ class ReplayOptions:
             raise ValueError("table_name is empty: pass the trip table (--table_name)")
         for name in ("max_messages", "parallelism"):
             _check_positive(name, getattr(self, name))
-        for name in ("max_runtime_seconds", "wave_size", "receive_threads", "write_threads", "max_empty_waves"):
+        for name in (
+            "max_runtime_seconds",
+            "wave_size",
+            "receive_threads",
+            "write_threads",
+            "max_empty_waves",
+        ):
             _check_positive(name, getattr(self, name), allow_none=False)
         if not 0 <= self.wait_time_seconds <= 20:
-            raise ValueError(f"wait_time_seconds must be from 0 to 20 (the SQS maximum), got {self.wait_time_seconds}")
+            raise ValueError(
+                f"wait_time_seconds must be from 0 to 20 (the SQS maximum), got {self.wait_time_seconds}"
+            )
         for name in ("visibility_timeout", "dry_run_visibility_timeout", "retry_delay_seconds"):
             value = getattr(self, name)
             if not 1 <= value <= 43_200:
-                raise ValueError(f"{name} must be from 1 to 43200 seconds (12 hours, the SQS maximum), got {value}")
+                raise ValueError(
+                    f"{name} must be from 1 to 43200 seconds (12 hours, the SQS maximum), got {value}"
+                )
 
 
 @dataclass(frozen=True)
@@ -77,7 +87,9 @@ class BackfillOptions:
 
     def __post_init__(self) -> None:
         if not self.source:
-            raise ValueError("source is empty: pass a folder, file or s3:// prefix of event files (--source)")
+            raise ValueError(
+                "source is empty: pass a folder, file or s3:// prefix of event files (--source)"
+            )
         if not self.table_name:
             raise ValueError("table_name is empty: pass the trip table (--table_name)")
         if self.source_format not in SOURCE_FORMATS:

@@ -78,13 +78,19 @@ class RunReport:
             "mode": self.mode,
             "job_name": self.job_name,
             "started_at": datetime.fromtimestamp(self.started_at, UTC).isoformat(),
-            "finished_at": datetime.fromtimestamp(self.finished_at, UTC).isoformat() if self.finished_at else None,
+            "finished_at": datetime.fromtimestamp(self.finished_at, UTC).isoformat()
+            if self.finished_at
+            else None,
             "duration_seconds": round(self.duration_seconds, 3),
             "messages_per_second": round(self.messages_per_second, 1),
             "waves": self.waves,
             "stop_reason": self.stop_reason,
-            "outcomes": {name: self.outcomes.get(name, 0) for name in OUTCOMES if name in self.outcomes}
-            | {name: count for name, count in sorted(self.outcomes.items()) if name not in OUTCOMES},
+            "outcomes": {
+                name: self.outcomes.get(name, 0) for name in OUTCOMES if name in self.outcomes
+            }
+            | {
+                name: count for name, count in sorted(self.outcomes.items()) if name not in OUTCOMES
+            },
             "reasons": dict(sorted(self.reasons.items())),
             "counts": dict(sorted(self.counts.items())),
             "samples": self.samples,
@@ -133,13 +139,26 @@ def publish_metrics(report: RunReport, namespace: str, settings: AwsSettings | N
 
     A run whose work is done must not fail because metrics could not be sent.
     """
-    dimensions = [{"Name": "JobName", "Value": report.job_name}, {"Name": "Mode", "Value": report.mode}]
+    dimensions = [
+        {"Name": "JobName", "Value": report.job_name},
+        {"Name": "Mode", "Value": report.mode},
+    ]
     metrics = [
-        {"MetricName": f"Messages_{name}", "Value": float(count), "Unit": "Count", "Dimensions": dimensions}
+        {
+            "MetricName": f"Messages_{name}",
+            "Value": float(count),
+            "Unit": "Count",
+            "Dimensions": dimensions,
+        }
         for name, count in report.outcomes.items()
     ]
     metrics.append(
-        {"MetricName": "DurationSeconds", "Value": report.duration_seconds, "Unit": "Seconds", "Dimensions": dimensions}
+        {
+            "MetricName": "DurationSeconds",
+            "Value": report.duration_seconds,
+            "Unit": "Seconds",
+            "Dimensions": dimensions,
+        }
     )
     metrics.append(
         {

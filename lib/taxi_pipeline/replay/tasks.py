@@ -91,7 +91,9 @@ class _Tally:
         self.reasons: Counter = Counter()
         self.samples: list[dict[str, Any]] = []
 
-    def add(self, outcome: str | None = None, n: int = 1, reason: str | None = None, **counts: int) -> None:
+    def add(
+        self, outcome: str | None = None, n: int = 1, reason: str | None = None, **counts: int
+    ) -> None:
         with self.lock:
             if outcome:
                 self.outcomes[outcome] += n
@@ -116,7 +118,9 @@ class _Tally:
 class _Deleter:
     """Buffers receipt handles and deletes them in full batches of 10."""
 
-    def __init__(self, sqs: Any, queue_url: str, keeper: VisibilityKeeper | None, tally: _Tally) -> None:
+    def __init__(
+        self, sqs: Any, queue_url: str, keeper: VisibilityKeeper | None, tally: _Tally
+    ) -> None:
         self.sqs = sqs
         self.queue_url = queue_url
         self.keeper = keeper
@@ -146,7 +150,9 @@ class _Deleter:
             self.keeper.release(handles)
         self.tally.add(messages_deleted=deleted, delete_failed=len(failed))
         for entry in failed[:MAX_TASK_SAMPLES]:
-            self.tally.sample(problem="delete_failed", code=entry.get("Code"), message=entry.get("Message"))
+            self.tally.sample(
+                problem="delete_failed", code=entry.get("Code"), message=entry.get("Message")
+            )
 
 
 def _trips(rows: Iterable[Any]) -> list[list[Any]]:
@@ -181,7 +187,9 @@ def write_task(
         sqs = keeper = deleter = None
         if target is not None:
             sqs = client_settings.client("sqs")
-            keeper = VisibilityKeeper(sqs, target.queue_url, target.visibility_timeout, target.visibility_timeout / 3)
+            keeper = VisibilityKeeper(
+                sqs, target.queue_url, target.visibility_timeout, target.visibility_timeout / 3
+            )
             for trip in trips:
                 for row in trip:
                     for message in row["messages"]:
@@ -197,7 +205,10 @@ def write_task(
             with keeper, ThreadPoolExecutor(max_workers=threads) as pool:
                 list(pool.map(write_trip, trips))
                 deleter.flush()
-            tally.add(visibility_extended=keeper.extended, visibility_extension_failed=keeper.extension_failures)
+            tally.add(
+                visibility_extended=keeper.extended,
+                visibility_extension_failed=keeper.extension_failures,
+            )
         else:
             with ThreadPoolExecutor(max_workers=threads) as pool:
                 list(pool.map(write_trip, trips))
@@ -215,15 +226,27 @@ def _write_one(writer, row, tally: _Tally, target, sqs, deleter, keeper) -> None
         result = writer.apply(event)
     except RetryableWriteError as exc:
         tally.add("retry_later", copies, reason=f"write_{exc.reason}")
-        tally.sample(problem="retryable_write_failure", trip_id=event.trip_id, reason=exc.reason, code=exc.code)
+        tally.sample(
+            problem="retryable_write_failure",
+            trip_id=event.trip_id,
+            reason=exc.reason,
+            code=exc.code,
+        )
         if target is not None:
             handles = [message["receipt_handle"] for message in row["messages"]]
             keeper.release(handles)
-            changed, failed = change_visibility(sqs, target.queue_url, handles, target.retry_delay_seconds)
+            changed, failed = change_visibility(
+                sqs, target.queue_url, handles, target.retry_delay_seconds
+            )
             tally.add(retry_delay_set=changed, retry_delay_failed=failed)
         return
     except PermanentWriteError as exc:
-        tally.sample(problem="permanent_write_failure", trip_id=event.trip_id, reason=exc.reason, code=exc.code)
+        tally.sample(
+            problem="permanent_write_failure",
+            trip_id=event.trip_id,
+            reason=exc.reason,
+            code=exc.code,
+        )
         if target is None:
             tally.add("rejected", copies, reason=f"write_{exc.reason}")
             return
@@ -252,7 +275,9 @@ def _write_one(writer, row, tally: _Tally, target, sqs, deleter, keeper) -> None
         deleter.add(message["receipt_handle"] for message in row["messages"])
 
 
-def _dead_letter(sqs, target: QueueTarget, letters: list[DeadLetter], deleter, keeper, tally: _Tally) -> None:
+def _dead_letter(
+    sqs, target: QueueTarget, letters: list[DeadLetter], deleter, keeper, tally: _Tally
+) -> None:
     """Copy letters to the dead-letter queue; delete from the source only those copied."""
     if not target.dead_letter_queue_url:
         tally.add("retry_later", len(letters), reason="no_dead_letter_queue")
@@ -293,7 +318,9 @@ def dead_letter_task(settings: AwsSettings, target: QueueTarget):
             _dead_letter(sqs, target, letters, deleter, keeper, tally)
             deleter.flush()
             for letter in letters[:MAX_TASK_SAMPLES]:
-                tally.sample(problem="invalid_message", message_id=letter.message_id, reason=letter.reason)
+                tally.sample(
+                    problem="invalid_message", message_id=letter.message_id, reason=letter.reason
+                )
         yield tally.as_dict()
 
     return dead_letter
