@@ -193,7 +193,7 @@ def aws_settings(endpoint_url: str):
 
 
 def _client(service: str, endpoint_url: str):
-    config = Config(retries={"mode": "standard", "max_attempts": 3})
+    config = Config(retries={"mode": "standard", "total_max_attempts": 3})
     return boto3.client(service, endpoint_url=endpoint_url, region_name=REGION, config=config)
 
 

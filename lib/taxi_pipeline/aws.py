@@ -28,7 +28,7 @@ class AwsSettings:
     region: str | None = None
     endpoint_url: str | None = None
     retry_mode: str = "standard"
-    max_attempts: int = 3
+    max_attempts: int = 3  # attempts in total, the first call included
     connect_timeout: float = 5.0
     read_timeout: float = 30.0
     max_pool_connections: int = 32
@@ -41,9 +41,7 @@ class AwsSettings:
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
         if self.max_pool_connections < 1:
-            raise ValueError(
-                f"max_pool_connections must be at least 1, got {self.max_pool_connections}"
-            )
+            raise ValueError(f"max_pool_connections must be at least 1, got {self.max_pool_connections}")
 
     @classmethod
     def from_env(cls, **overrides: Any) -> AwsSettings:
@@ -57,16 +55,16 @@ class AwsSettings:
             try:
                 values["max_attempts"] = int(attempts)
             except ValueError as exc:
-                raise ValueError(
-                    f"AWS_MAX_ATTEMPTS must be a whole number, got {attempts!r}"
-                ) from exc
+                raise ValueError(f"AWS_MAX_ATTEMPTS must be a whole number, got {attempts!r}") from exc
         values.update({key: value for key, value in overrides.items() if value is not None})
         return cls(**values)
 
     def client_config(self, **overrides: Any) -> Config:
         """Return the botocore ``Config`` for these settings."""
         options: dict[str, Any] = {
-            "retries": {"mode": self.retry_mode, "max_attempts": self.max_attempts},
+            # total_max_attempts counts the first call, as AWS_MAX_ATTEMPTS does;
+            # botocore's max_attempts key would count retries only.
+            "retries": {"mode": self.retry_mode, "total_max_attempts": self.max_attempts},
             "connect_timeout": self.connect_timeout,
             "read_timeout": self.read_timeout,
             "max_pool_connections": self.max_pool_connections,

@@ -15,8 +15,9 @@ Normalisation rules, all taken from the shape of the DataSF export:
   A timestamp without a zone is San Francisco local time.
 * The placeholder ``-`` for a driver id, empty strings and nulls all mean
   "no value": the attribute is absent from the item.
-* Fields outside the schema are not written. Their names are kept in
-  ``TripEvent.ignored_fields`` so that callers count and report them.
+* Fields outside the schema are not written. The names of those with a
+  value are kept in ``TripEvent.ignored_fields`` so that callers count and
+  report them.
 """
 
 from __future__ import annotations
@@ -52,9 +53,7 @@ _DYNAMODB_CONTEXT = Context(prec=38)
 _MIN_EXPONENT, _MAX_EXPONENT = -130, 125
 _PORTAL_TIMESTAMP = "%Y/%m/%d %I:%M:%S %p"
 # Plain decimals with optional thousands separators, or scientific notation.
-_NUMBER_TEXT = re.compile(
-    r"^[+-]?(\d{1,3}(,\d{3})+|\d+)(\.\d+)?$|^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"
-)
+_NUMBER_TEXT = re.compile(r"^[+-]?(\d{1,3}(,\d{3})+|\d+)(\.\d+)?$|^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 _CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 MISSING_VALUE_PLACEHOLDERS = frozenset({"-"})
 
@@ -197,17 +196,13 @@ def decode_body(body: bytes | str) -> dict[str, Any]:
         ) from exc
 
     try:
-        value = json.loads(
-            text, parse_float=Decimal, parse_int=Decimal, parse_constant=_reject_constant
-        )
+        value = json.loads(text, parse_float=Decimal, parse_int=Decimal, parse_constant=_reject_constant)
     except _NonFiniteNumber as exc:
         raise InvalidEventError(
             Reason.NUMBER_NOT_FINITE.value, f"body contains the non-finite number {exc.args[0]}"
         ) from exc
     except (json.JSONDecodeError, RecursionError) as exc:
-        raise InvalidEventError(
-            Reason.BODY_NOT_JSON.value, f"body is not valid JSON: {exc}"
-        ) from exc
+        raise InvalidEventError(Reason.BODY_NOT_JSON.value, f"body is not valid JSON: {exc}") from exc
 
     if not isinstance(value, dict):
         raise InvalidEventError(
@@ -276,8 +271,10 @@ def validate_record(record: Mapping[str, Any], kind: EventKind) -> TripEvent:
         summary = "; ".join(f"{f or 'body'}: {d}" for _, f, d in problems)
         raise InvalidEventError(reason, summary, trip_id=trip_id, problems=tuple(problems))
 
+    # A null field outside the schema carries nothing, so only fields with a
+    # value count as ignored (a merged backfill schema has many null ones).
     known = {"trip_id", VERSION_FIELD, *schema}
-    ignored = tuple(sorted(name for name in record if name not in known))
+    ignored = tuple(sorted(name for name, value in record.items() if name not in known and value is not None))
     return TripEvent(
         kind=kind,
         trip_id=trip_id,
@@ -306,8 +303,7 @@ def event_to_json(event: TripEvent) -> str:
             "kind": event.kind.value,
             "trip_id": event.trip_id,
             "attributes": {
-                name: None if value is None else str(value)
-                for name, value in event.attributes.items()
+                name: None if value is None else str(value) for name, value in event.attributes.items()
             },
             "version": event.version,
             "digest": event.digest,
@@ -324,9 +320,7 @@ def event_from_json(text: str) -> TripEvent:
     kind = EventKind(document["kind"])
     schema = SCHEMAS[kind]
     attributes = {
-        name: None
-        if value is None
-        else (Decimal(value) if schema[name] in _NUMBER_TYPES else value)
+        name: None if value is None else (Decimal(value) if schema[name] in _NUMBER_TYPES else value)
         for name, value in document["attributes"].items()
     }
     return TripEvent(
@@ -430,17 +424,13 @@ def _normalise_text(value: Any) -> str | None:
     if not text or text in MISSING_VALUE_PLACEHOLDERS:
         return None
     if len(text) > MAX_TEXT_LENGTH:
-        raise _FieldProblem(
-            Reason.TEXT_TOO_LONG, f"text is longer than {MAX_TEXT_LENGTH} characters"
-        )
+        raise _FieldProblem(Reason.TEXT_TOO_LONG, f"text is longer than {MAX_TEXT_LENGTH} characters")
     return text
 
 
 def _normalise_timestamp(value: Any) -> str | None:
     if not isinstance(value, str):
-        raise _FieldProblem(
-            Reason.WRONG_TYPE, f"expected a timestamp string, got {type(value).__name__}"
-        )
+        raise _FieldProblem(Reason.WRONG_TYPE, f"expected a timestamp string, got {type(value).__name__}")
     text = value.strip()
     if not text:
         return None
@@ -527,9 +517,7 @@ def _normalise_coordinate(limit: int) -> Callable[[Any], Decimal | None]:
     def normalise(value: Any) -> Decimal | None:
         number = _to_decimal(value)
         if number is not None and not -limit <= number <= limit:
-            raise _FieldProblem(
-                Reason.COORDINATE_OUT_OF_RANGE, f"{number} is outside [-{limit}, {limit}]"
-            )
+            raise _FieldProblem(Reason.COORDINATE_OUT_OF_RANGE, f"{number} is outside [-{limit}, {limit}]")
         return number
 
     return normalise

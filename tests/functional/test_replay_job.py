@@ -346,17 +346,17 @@ def test_backfill_real_sample_from_parquet(
     starts, ends = sample_rows
     pq.write_table(starts, tmp_path / "start.parquet")
     pq.write_table(ends, tmp_path / "end.parquet")
+    (tmp_path / "README.md").write_text("Not an event file: the backfill skips it.\n")
 
     # WHEN it is backfilled, twice
-    options = BackfillOptions(
-        source=str(tmp_path), table_name=trip_table, source_format="parquet", write_threads=8
-    )
+    options = BackfillOptions(source=str(tmp_path), table_name=trip_table, write_threads=8)
     first = run_backfill(spark, options, aws_settings).to_dict()
     second = run_backfill(spark, options, aws_settings).to_dict()
 
     # THEN all 200 trips are in the table, and the second run changes nothing
     assert first["outcomes"] == {"applied": 400}
     assert first["stop_reason"] == "source applied"
+    assert "ignored_fields" not in first["counts"]
     assert second["outcomes"] == {"duplicate": 400}
     assert scan_table(dynamodb, trip_table) == expected_from_rows(starts, ends)
 

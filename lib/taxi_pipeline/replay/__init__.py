@@ -5,7 +5,8 @@ This subpackage needs PySpark; the rest of ``taxi_pipeline`` does not.
 
 from __future__ import annotations
 
-from taxi_pipeline.replay.job import run_backfill, run_replay
+from taxi_pipeline.replay.backfill import run_backfill
+from taxi_pipeline.replay.job import run_replay
 from taxi_pipeline.replay.options import BackfillOptions, ReplayOptions
 from taxi_pipeline.replay.report import RunReport
 

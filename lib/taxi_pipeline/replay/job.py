@@ -1,4 +1,4 @@
-"""The replay job's driver: drain the retry queue in waves, or backfill from files.
+"""The replay job's driver: drain the retry queue in waves.
 
 A wave is: receive up to ``wave_size`` messages in parallel Spark tasks,
 keep them on the executors, parse and collapse them as DataFrame steps,
@@ -22,7 +22,7 @@ from pyspark.sql import DataFrame, SparkSession
 
 from taxi_pipeline.aws import AwsSettings
 from taxi_pipeline.replay import steps
-from taxi_pipeline.replay.options import BackfillOptions, ReplayOptions
+from taxi_pipeline.replay.options import ReplayOptions
 from taxi_pipeline.replay.queue import ReceiveQuota, dead_letter_queue_of, queue_counts
 from taxi_pipeline.replay.report import RunReport, publish_metrics, write_report
 from taxi_pipeline.replay.tasks import (
@@ -50,13 +50,11 @@ class _CountsAccumulator:
         return first
 
 
-def _parallelism(spark: SparkSession, requested: int | None) -> int:
+def parallelism_of(spark: SparkSession, requested: int | None) -> int:
     return requested or max(1, spark.sparkContext.defaultParallelism)
 
 
-def run_replay(
-    spark: SparkSession, options: ReplayOptions, settings: AwsSettings | None = None
-) -> RunReport:
+def run_replay(spark: SparkSession, options: ReplayOptions, settings: AwsSettings | None = None) -> RunReport:
     """Drain the retry queue into the trip table and return the run report."""
     settings = settings or AwsSettings.from_env()
     report = RunReport(mode="dry_run" if options.dry_run else "replay", job_name=options.job_name)
@@ -68,7 +66,7 @@ def run_replay(
             f"queue {options.queue_url} has no redrive policy and no dead_letter_queue_url was given: "
             "poison messages need a dead-letter queue"
         )
-    partitions = _parallelism(spark, options.parallelism)
+    partitions = parallelism_of(spark, options.parallelism)
     target = QueueTarget(
         queue_url=options.queue_url,
         dead_letter_queue_url=dead_letter_url,
@@ -100,9 +98,7 @@ def run_replay(
         wave_budget = options.wave_size
         if options.max_messages is not None:
             wave_budget = min(wave_budget, options.max_messages - received_so_far)
-        received = _run_wave(
-            spark, options, settings, target, partitions, wave_budget, deadline, report
-        )
+        received = _run_wave(spark, options, settings, target, partitions, wave_budget, deadline, report)
 
         if options.dry_run:
             report.finish("dry run sampled one wave")
@@ -112,23 +108,17 @@ def run_replay(
             continue
 
         counts = queue_counts(sqs, options.queue_url)
-        waiting = (
-            counts["ApproximateNumberOfMessages"] + counts["ApproximateNumberOfMessagesDelayed"]
-        )
+        waiting = counts["ApproximateNumberOfMessages"] + counts["ApproximateNumberOfMessagesDelayed"]
         if waiting == 0:
-            report.counts["messages_in_flight_at_end"] = counts[
-                "ApproximateNumberOfMessagesNotVisible"
-            ]
+            report.counts["messages_in_flight_at_end"] = counts["ApproximateNumberOfMessagesNotVisible"]
             report.finish("queue drained")
             break
         empty_waves += 1
         if empty_waves >= options.max_empty_waves:
-            report.finish(
-                f"no messages received in {empty_waves} waves while the queue reports {waiting}"
-            )
+            report.finish(f"no messages received in {empty_waves} waves while the queue reports {waiting}")
             break
 
-    _publish(report, options.report_path, options.metrics_namespace, settings)
+    publish_report(report, options.report_path, options.metrics_namespace, settings)
     return report
 
 
@@ -160,9 +150,7 @@ def _run_wave(
     received_rdd = context.parallelize(range(partitions), partitions).mapPartitions(
         receive_task(settings, options.queue_url, quota, counters)
     )
-    messages = spark.createDataFrame(received_rdd, steps.MESSAGE_SCHEMA).persist(
-        StorageLevel.MEMORY_AND_DISK
-    )
+    messages = spark.createDataFrame(received_rdd, steps.MESSAGE_SCHEMA).persist(StorageLevel.MEMORY_AND_DISK)
     try:
         received = messages.count()
         receive_seconds = time.time() - wave_started
@@ -215,9 +203,7 @@ def _settle_wave(
         report.add(partial)
 
 
-def _dry_run_wave(
-    parsed: DataFrame, settings: AwsSettings, target: QueueTarget, report: RunReport
-) -> None:
+def _dry_run_wave(parsed: DataFrame, settings: AwsSettings, target: QueueTarget, report: RunReport) -> None:
     valid = steps.valid_events(parsed)
     report.outcomes["would_apply"] += valid.count()
     report.counts["distinct_events"] += steps.collapse_events(valid).count()
@@ -228,98 +214,7 @@ def _dry_run_wave(
     parsed.select("receipt_handle").foreachPartition(release_task(settings, target.queue_url))
 
 
-def read_source(
-    spark: SparkSession, source: str, source_format: str = "auto"
-) -> tuple[DataFrame, str]:
-    """Read backfill files into a DataFrame; return it and the format used.
-
-    JSON Lines are read as text, one raw event per line, so they go through
-    exactly the parsing of a stream record. CSV columns are read as strings
-    and Parquet columns with their own types.
-    """
-    fmt = source_format if source_format != "auto" else _guess_format(source)
-    reader = spark.read.option("recursiveFileLookup", "true")
-    if fmt == "parquet":
-        frame = reader.option("mergeSchema", "true").parquet(source)
-    elif fmt == "csv":
-        frame = reader.option("header", "true").option("inferSchema", "false").csv(source)
-    elif fmt == "json":
-        frame = reader.text(source).withColumnRenamed("value", "body")
-    else:
-        raise ValueError(f"source_format {fmt!r} is invalid: use parquet, json or csv")
-    return frame, fmt
-
-
-def _guess_format(source: str) -> str:
-    lowered = source.rstrip("/").lower()
-    for suffix, fmt in (
-        (".parquet", "parquet"),
-        (".jsonl", "json"),
-        (".json", "json"),
-        (".csv", "csv"),
-    ):
-        if lowered.endswith(suffix):
-            return fmt
-    raise ValueError(
-        f"cannot tell the format of {source!r} from its name: pass source_format parquet, json or csv"
-    )
-
-
-def run_backfill(
-    spark: SparkSession, options: BackfillOptions, settings: AwsSettings | None = None
-) -> RunReport:
-    """Apply events from files with the same trip writes; return the run report.
-
-    Invalid rows are counted by reason and, with ``rejects_path``, written
-    there as JSON Lines; the source files stay as they are, so a backfill can
-    be run again after a fix and its writes stay idempotent.
-    """
-    from pyspark.sql import functions as F
-
-    settings = settings or AwsSettings.from_env()
-    report = RunReport(mode="backfill", job_name=options.job_name)
-    frame, fmt = read_source(spark, options.source, options.source_format)
-    frame = frame.withColumn("_source_file", F.input_file_name())
-    parsed = (
-        steps.parse_event_lines(frame) if fmt == "json" else steps.parse_records(frame)
-    ).persist(StorageLevel.MEMORY_AND_DISK)
-    try:
-        report.counts["rows_read"] = parsed.count()
-        report.waves = 1
-
-        invalid = steps.invalid_events(parsed)
-        for row in invalid.groupBy("reason").count().collect():
-            report.outcomes["invalid"] += row["count"]
-            report.reasons[row["reason"]] += row["count"]
-        for row in (
-            invalid.select("_source_file", "trip_id", "reason", "detail").limit(20).collect()
-        ):
-            report.samples.append({"problem": "invalid_row", **row.asDict()})
-        if options.rejects_path and report.outcomes["invalid"]:
-            invalid.select("_source_file", "trip_id", "reason", "detail").write.mode(
-                "overwrite"
-            ).json(options.rejects_path)
-            report.counts["rejects_written"] = report.outcomes["invalid"]
-
-        partitions = _parallelism(spark, options.parallelism)
-        events = steps.order_for_writes(
-            steps.collapse_events(steps.valid_events(parsed)), partitions
-        )
-        writer = write_task(settings, options.table_name, options.write_threads)
-        for partial in events.rdd.mapPartitions(writer).collect():
-            report.add(partial)
-    finally:
-        parsed.unpersist()
-
-    failed = report.outcomes.get("retry_later", 0) + report.outcomes.get("rejected", 0)
-    report.finish(
-        "source applied" if not failed else f"{failed} events not written: run the backfill again"
-    )
-    _publish(report, options.report_path, options.metrics_namespace, settings)
-    return report
-
-
-def _publish(
+def publish_report(
     report: RunReport, report_path: str | None, namespace: str | None, settings: AwsSettings
 ) -> None:
     report.log()

@@ -87,9 +87,7 @@ class BackfillOptions:
 
     def __post_init__(self) -> None:
         if not self.source:
-            raise ValueError(
-                "source is empty: pass a folder, file or s3:// prefix of event files (--source)"
-            )
+            raise ValueError("source is empty: pass a folder, file or s3:// prefix of event files (--source)")
         if not self.table_name:
             raise ValueError("table_name is empty: pass the trip table (--table_name)")
         if self.source_format not in SOURCE_FORMATS:

@@ -49,9 +49,7 @@ class ReceiveQuota:
     deadline: float | None = None
 
 
-def receive_messages(
-    sqs: Any, queue_url: str, quota: ReceiveQuota
-) -> tuple[list[ReceivedMessage], Counter]:
+def receive_messages(sqs: Any, queue_url: str, quota: ReceiveQuota) -> tuple[list[ReceivedMessage], Counter]:
     """Receive up to ``quota.max_messages`` messages with concurrent long polls.
 
     Each thread polls for 10 messages at a time and stops after
@@ -135,9 +133,7 @@ def chunks(items: list, size: int = SQS_BATCH_SIZE) -> Iterator[list]:
         yield items[start : start + size]
 
 
-def delete_messages(
-    sqs: Any, queue_url: str, receipt_handles: Iterable[str]
-) -> tuple[int, list[dict]]:
+def delete_messages(sqs: Any, queue_url: str, receipt_handles: Iterable[str]) -> tuple[int, list[dict]]:
     """Delete messages in batches of 10; return the number deleted and the failed entries.
 
     A failed entry (for example an expired receipt handle) is logged and
@@ -147,16 +143,13 @@ def delete_messages(
     deleted = 0
     failed: list[dict] = []
     for batch in chunks(list(receipt_handles)):
-        entries = [
-            {"Id": str(index), "ReceiptHandle": handle} for index, handle in enumerate(batch)
-        ]
+        entries = [{"Id": str(index), "ReceiptHandle": handle} for index, handle in enumerate(batch)]
         try:
             response = sqs.delete_message_batch(QueueUrl=queue_url, Entries=entries)
         except (ClientError, BotoCoreError) as exc:
             logger.warning("delete of %d messages from %s failed: %s", len(entries), queue_url, exc)
             failed.extend(
-                {"Id": entry["Id"], "Code": type(exc).__name__, "Message": str(exc)}
-                for entry in entries
+                {"Id": entry["Id"], "Code": type(exc).__name__, "Message": str(exc)} for entry in entries
             )
             continue
         deleted += len(response.get("Successful", []))
@@ -186,9 +179,7 @@ def change_visibility(
         try:
             response = sqs.change_message_visibility_batch(QueueUrl=queue_url, Entries=entries)
         except (ClientError, BotoCoreError) as exc:
-            logger.warning(
-                "visibility change of %d messages on %s failed: %s", len(entries), queue_url, exc
-            )
+            logger.warning("visibility change of %d messages on %s failed: %s", len(entries), queue_url, exc)
             failed += len(entries)
             continue
         changed += len(response.get("Successful", []))
@@ -209,9 +200,7 @@ class DeadLetter:
     receive_count: int = 1
 
 
-def send_dead_letters(
-    sqs: Any, dead_letter_queue_url: str, letters: list[DeadLetter]
-) -> tuple[list, list]:
+def send_dead_letters(sqs: Any, dead_letter_queue_url: str, letters: list[DeadLetter]) -> tuple[list, list]:
     """Copy messages to the dead-letter queue with their reason as message attributes.
 
     Returns ``(sent, failed)`` lists of ``DeadLetter``. Only a sent letter may
@@ -236,9 +225,7 @@ def send_dead_letters(
             continue
         succeeded = {entry["Id"] for entry in response.get("Successful", [])}
         for entry in response.get("Failed", []):
-            logger.warning(
-                "dead-letter send failed for entry %s: %s", entry.get("Id"), entry.get("Code")
-            )
+            logger.warning("dead-letter send failed for entry %s: %s", entry.get("Id"), entry.get("Code"))
         for index, letter in enumerate(batch):
             (sent if str(index) in succeeded else failed).append(letter)
     return sent, failed
@@ -294,11 +281,7 @@ class VisibilityKeeper:
         """Extend every tracked message whose visibility ends within the margin."""
         now = time.time() if now is None else now
         with self._lock:
-            due = [
-                handle
-                for handle, deadline in self._deadlines.items()
-                if deadline - now < self.margin
-            ]
+            due = [handle for handle, deadline in self._deadlines.items() if deadline - now < self.margin]
         if not due:
             return
         changed, failed = change_visibility(self.sqs, self.queue_url, due, self.timeout)
@@ -340,9 +323,7 @@ def dead_letter_queue_of(sqs: Any, queue_url: str) -> str | None:
     """Return the URL of the queue's redrive target, or ``None`` if it has no redrive policy."""
     import json
 
-    attributes = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["RedrivePolicy"])[
-        "Attributes"
-    ]
+    attributes = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["RedrivePolicy"])["Attributes"]
     policy = attributes.get("RedrivePolicy")
     if not policy:
         return None

@@ -85,12 +85,8 @@ class RunReport:
             "messages_per_second": round(self.messages_per_second, 1),
             "waves": self.waves,
             "stop_reason": self.stop_reason,
-            "outcomes": {
-                name: self.outcomes.get(name, 0) for name in OUTCOMES if name in self.outcomes
-            }
-            | {
-                name: count for name, count in sorted(self.outcomes.items()) if name not in OUTCOMES
-            },
+            "outcomes": {name: self.outcomes.get(name, 0) for name in OUTCOMES if name in self.outcomes}
+            | {name: count for name, count in sorted(self.outcomes.items()) if name not in OUTCOMES},
             "reasons": dict(sorted(self.reasons.items())),
             "counts": dict(sorted(self.counts.items())),
             "samples": self.samples,

@@ -43,9 +43,7 @@ def glue_or_spark(job_name: str, arguments: dict[str, Any]) -> tuple[SparkSessio
         job = Job(glue_context)
         job.init(job_name, arguments)
     except Exception as exc:  # noqa: BLE001 - py4j raises plain TypeError or Py4JError when the jars are absent
-        logger.info(
-            "Glue's JVM classes are not available (%s): running on a plain SparkSession", exc
-        )
+        logger.info("Glue's JVM classes are not available (%s): running on a plain SparkSession", exc)
         if SparkSession.getActiveSession() is not None:
             return SparkSession.getActiveSession(), None
         return local_spark(job_name), None

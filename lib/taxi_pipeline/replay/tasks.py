@@ -91,9 +91,7 @@ class _Tally:
         self.reasons: Counter = Counter()
         self.samples: list[dict[str, Any]] = []
 
-    def add(
-        self, outcome: str | None = None, n: int = 1, reason: str | None = None, **counts: int
-    ) -> None:
+    def add(self, outcome: str | None = None, n: int = 1, reason: str | None = None, **counts: int) -> None:
         with self.lock:
             if outcome:
                 self.outcomes[outcome] += n
@@ -118,9 +116,7 @@ class _Tally:
 class _Deleter:
     """Buffers receipt handles and deletes them in full batches of 10."""
 
-    def __init__(
-        self, sqs: Any, queue_url: str, keeper: VisibilityKeeper | None, tally: _Tally
-    ) -> None:
+    def __init__(self, sqs: Any, queue_url: str, keeper: VisibilityKeeper | None, tally: _Tally) -> None:
         self.sqs = sqs
         self.queue_url = queue_url
         self.keeper = keeper
@@ -150,9 +146,7 @@ class _Deleter:
             self.keeper.release(handles)
         self.tally.add(messages_deleted=deleted, delete_failed=len(failed))
         for entry in failed[:MAX_TASK_SAMPLES]:
-            self.tally.sample(
-                problem="delete_failed", code=entry.get("Code"), message=entry.get("Message")
-            )
+            self.tally.sample(problem="delete_failed", code=entry.get("Code"), message=entry.get("Message"))
 
 
 def _trips(rows: Iterable[Any]) -> list[list[Any]]:
@@ -235,9 +229,7 @@ def _write_one(writer, row, tally: _Tally, target, sqs, deleter, keeper) -> None
         if target is not None:
             handles = [message["receipt_handle"] for message in row["messages"]]
             keeper.release(handles)
-            changed, failed = change_visibility(
-                sqs, target.queue_url, handles, target.retry_delay_seconds
-            )
+            changed, failed = change_visibility(sqs, target.queue_url, handles, target.retry_delay_seconds)
             tally.add(retry_delay_set=changed, retry_delay_failed=failed)
         return
     except PermanentWriteError as exc:
@@ -275,9 +267,7 @@ def _write_one(writer, row, tally: _Tally, target, sqs, deleter, keeper) -> None
         deleter.add(message["receipt_handle"] for message in row["messages"])
 
 
-def _dead_letter(
-    sqs, target: QueueTarget, letters: list[DeadLetter], deleter, keeper, tally: _Tally
-) -> None:
+def _dead_letter(sqs, target: QueueTarget, letters: list[DeadLetter], deleter, keeper, tally: _Tally) -> None:
     """Copy letters to the dead-letter queue; delete from the source only those copied."""
     if not target.dead_letter_queue_url:
         tally.add("retry_later", len(letters), reason="no_dead_letter_queue")
@@ -318,9 +308,7 @@ def dead_letter_task(settings: AwsSettings, target: QueueTarget):
             _dead_letter(sqs, target, letters, deleter, keeper, tally)
             deleter.flush()
             for letter in letters[:MAX_TASK_SAMPLES]:
-                tally.sample(
-                    problem="invalid_message", message_id=letter.message_id, reason=letter.reason
-                )
+                tally.sample(problem="invalid_message", message_id=letter.message_id, reason=letter.reason)
         yield tally.as_dict()
 
     return dead_letter

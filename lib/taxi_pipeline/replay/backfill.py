@@ -1,0 +1,114 @@
+"""Backfill: apply start and end events from files with the replay job's trip writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from taxi_pipeline.aws import AwsSettings
+from taxi_pipeline.replay import steps
+from taxi_pipeline.replay.job import parallelism_of, publish_report
+from taxi_pipeline.replay.options import BackfillOptions
+from taxi_pipeline.replay.report import RunReport
+from taxi_pipeline.replay.tasks import write_task
+
+FILE_PATTERNS = {"parquet": "*.parquet", "json": "*.{json,jsonl}", "csv": "*.csv"}
+_SUFFIX_FORMATS = ((".parquet", "parquet"), (".jsonl", "json"), (".json", "json"), (".csv", "csv"))
+
+
+def read_source(spark: SparkSession, source: str, source_format: str = "auto") -> tuple[DataFrame, str]:
+    """Read backfill files into a DataFrame; return it and the format used.
+
+    A folder is read recursively, and only the files whose names end in the
+    format's suffix (``.parquet``, ``.json`` or ``.jsonl``, ``.csv``), so a
+    README or a marker file beside the data is skipped. JSON Lines are read as
+    text, one raw event per line, so they go through exactly the parsing of a
+    stream record. CSV columns are read as strings and Parquet columns with
+    their own types; start and end files in one folder merge into one schema.
+    """
+    fmt = source_format if source_format != "auto" else guess_format(source)
+    reader = spark.read.option("recursiveFileLookup", "true").option("pathGlobFilter", FILE_PATTERNS[fmt])
+    if fmt == "parquet":
+        frame = reader.option("mergeSchema", "true").parquet(source)
+    elif fmt == "csv":
+        frame = reader.option("header", "true").option("inferSchema", "false").csv(source)
+    else:
+        frame = reader.text(source).withColumnRenamed("value", "body")
+    return frame, fmt
+
+
+def guess_format(source: str) -> str:
+    """Tell a source's format from its name, or from the files in a local folder."""
+    lowered = source.rstrip("/").lower()
+    for suffix, fmt in _SUFFIX_FORMATS:
+        if lowered.endswith(suffix):
+            return fmt
+
+    folder = Path(source)
+    if "://" not in source and folder.is_dir():
+        found = {
+            fmt
+            for path in folder.rglob("*")
+            for suffix, fmt in _SUFFIX_FORMATS
+            if path.is_file() and path.name.lower().endswith(suffix)
+        }
+        if len(found) == 1:
+            return found.pop()
+        if not found:
+            raise ValueError(f"no .parquet, .json, .jsonl or .csv files found under {source!r}")
+        raise ValueError(
+            f"{source!r} holds files of several formats ({', '.join(sorted(found))}): "
+            "pass source_format parquet, json or csv"
+        )
+    raise ValueError(
+        f"cannot tell the format of {source!r} from its name: pass source_format parquet, json or csv"
+    )
+
+
+def run_backfill(
+    spark: SparkSession, options: BackfillOptions, settings: AwsSettings | None = None
+) -> RunReport:
+    """Apply events from files with the same trip writes; return the run report.
+
+    Invalid rows are counted by reason and, with ``rejects_path``, written
+    there as JSON Lines; the source files stay as they are, so a backfill can
+    be run again after a fix and its writes stay idempotent.
+    """
+    settings = settings or AwsSettings.from_env()
+    report = RunReport(mode="backfill", job_name=options.job_name)
+    frame, fmt = read_source(spark, options.source, options.source_format)
+    frame = frame.withColumn("_source_file", F.input_file_name())
+    parsed = (steps.parse_event_lines(frame) if fmt == "json" else steps.parse_records(frame)).persist(
+        StorageLevel.MEMORY_AND_DISK
+    )
+    try:
+        report.counts["rows_read"] = parsed.count()
+        report.waves = 1
+
+        invalid = steps.invalid_events(parsed)
+        for row in invalid.groupBy("reason").count().collect():
+            report.outcomes["invalid"] += row["count"]
+            report.reasons[row["reason"]] += row["count"]
+        for row in invalid.select("_source_file", "trip_id", "reason", "detail").limit(20).collect():
+            report.samples.append({"problem": "invalid_row", **row.asDict()})
+        if options.rejects_path and report.outcomes["invalid"]:
+            invalid.select("_source_file", "trip_id", "reason", "detail").write.mode("overwrite").json(
+                options.rejects_path
+            )
+            report.counts["rejects_written"] = report.outcomes["invalid"]
+
+        partitions = parallelism_of(spark, options.parallelism)
+        events = steps.order_for_writes(steps.collapse_events(steps.valid_events(parsed)), partitions)
+        writer = write_task(settings, options.table_name, options.write_threads)
+        for partial in events.rdd.mapPartitions(writer).collect():
+            report.add(partial)
+    finally:
+        parsed.unpersist()
+
+    failed = report.outcomes.get("retry_later", 0) + report.outcomes.get("rejected", 0)
+    report.finish("source applied" if not failed else f"{failed} events not written: run the backfill again")
+    publish_report(report, options.report_path, options.metrics_namespace, settings)
+    return report
