@@ -9,7 +9,12 @@ from taxi_pipeline.replay.backfill import guess_format
 
 @pytest.mark.parametrize(
     ("name", "fmt"),
-    [("s3://b/trips.parquet", "parquet"), ("/d/events.jsonl", "json"), ("/d/a.json", "json"), ("/d/e.CSV", "csv")],
+    [
+        ("s3://b/trips.parquet", "parquet"),
+        ("/d/events.jsonl", "json"),
+        ("/d/a.json", "json"),
+        ("/d/e.CSV", "csv"),
+    ],
 )
 def test_format_from_file_name(name, fmt):
     assert guess_format(name) == fmt
