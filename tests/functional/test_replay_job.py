@@ -410,3 +410,16 @@ def test_glue_context_is_used_where_available(spark):
     assert job is not None
     assert session is not None
     job.commit()
+
+
+def test_message_limit_is_exact_across_tasks(spark, sqs, trip_table, make_queue, aws_settings):
+    queue = make_queue("limit", dead_letter=True)
+    send_all(sqs, queue.url, [json.dumps(end(f"l{n}")) for n in range(25)])
+    options = ReplayOptions(queue_url=queue.url, table_name=trip_table, max_messages=7, **FAST)
+
+    summary = run_replay(spark, options, aws_settings).to_dict()
+
+    assert summary["stop_reason"] == "message limit reached"
+    assert summary["counts"]["messages_received"] == 7
+    assert summary["outcomes"] == {"applied": 7}
+    assert visible_count(sqs, queue.url) == 18

@@ -136,9 +136,8 @@ def _run_wave(
     wave_started = time.time()
     context = spark.sparkContext
     counters = context.accumulator({}, _CountsAccumulator())
-    per_task = -(-budget // partitions)
     quota = ReceiveQuota(
-        max_messages=per_task,
+        max_messages=budget,
         wait_time_seconds=options.wait_time_seconds,
         visibility_timeout=target.visibility_timeout,
         threads=options.receive_threads,
@@ -146,9 +145,10 @@ def _run_wave(
     )
 
     # Receiving is a side effect, so the received messages are persisted and
-    # counted once; later steps read the persisted blocks.
-    received_rdd = context.parallelize(range(partitions), partitions).mapPartitions(
-        receive_task(settings, options.queue_url, quota, counters)
+    # counted once; later steps read the persisted blocks. Each task gets an
+    # equal share of the wave's budget.
+    received_rdd = context.parallelize(range(partitions), partitions).mapPartitionsWithIndex(
+        receive_task(settings, options.queue_url, quota, partitions, counters)
     )
     messages = spark.createDataFrame(received_rdd, steps.MESSAGE_SCHEMA).persist(StorageLevel.MEMORY_AND_DISK)
     try:

@@ -14,7 +14,7 @@ import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from taxi_pipeline.aws import AwsSettings
@@ -60,12 +60,21 @@ def _client_settings(settings: AwsSettings, threads: int) -> AwsSettings:
     )
 
 
-def receive_task(settings: AwsSettings, queue_url: str, quota: ReceiveQuota, counters: Any = None):
-    """Return a ``mapPartitions`` function that receives one task's share of a wave."""
+def receive_task(
+    settings: AwsSettings, queue_url: str, quota: ReceiveQuota, tasks: int, counters: Any = None
+):
+    """Return a ``mapPartitionsWithIndex`` function that receives one task's share of a wave.
 
-    def receive(_: Iterable[Any]) -> Iterator[tuple]:
+    ``quota.max_messages`` is the whole wave's budget; task ``index`` of
+    ``tasks`` receives its share, so the wave never exceeds the budget.
+    """
+
+    def receive(index: int, _: Iterable[Any]) -> Iterator[tuple]:
+        share = quota.max_messages // tasks + (1 if index < quota.max_messages % tasks else 0)
+        if share == 0:
+            return
         sqs = _client_settings(settings, quota.threads).client("sqs")
-        messages, counts = receive_messages(sqs, queue_url, quota)
+        messages, counts = receive_messages(sqs, queue_url, replace(quota, max_messages=share))
         if counters is not None:
             counters.add(dict(counts))
         for message in messages:
