@@ -34,9 +34,7 @@ SAMPLE_FILES = ("start_taxi_trips_sample.parquet", "end_taxi_trips_sample.parque
 REGION = "us-east-1"
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
-GLUE_SKIP_REASON = (
-    "needs Glue's JVM classes (GlueContext): run in the Glue 5 image (make test-glue)"
-)
+GLUE_SKIP_REASON = "needs Glue's JVM classes (GlueContext): run in the Glue 5 image (make test-glue)"
 
 # Variables that select real credentials, a profile or another endpoint.
 # AWS_ENDPOINT_URL_<SERVICE> variables are removed by prefix as well.
@@ -111,9 +109,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     # `make test` sets the variable: a folder with no tests yet is no failure
     # there, while a plain pytest run keeps exit code 5.
-    if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED and os.environ.get(
-        "TAXI_NO_TESTS_IS_SUCCESS"
-    ):
+    if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED and os.environ.get("TAXI_NO_TESTS_IS_SUCCESS"):
         session.exitstatus = pytest.ExitCode.OK
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
@@ -235,9 +231,7 @@ def trip_table(dynamodb) -> Iterator[str]:
         AttributeDefinitions=[{"AttributeName": "trip_id", "AttributeType": "S"}],
         BillingMode="PAY_PER_REQUEST",
     )
-    dynamodb.get_waiter("table_exists").wait(
-        TableName=name, WaiterConfig={"Delay": 1, "MaxAttempts": 30}
-    )
+    dynamodb.get_waiter("table_exists").wait(TableName=name, WaiterConfig={"Delay": 1, "MaxAttempts": 30})
     yield name
     try:
         dynamodb.delete_table(TableName=name)
@@ -279,16 +273,14 @@ def make_queue(sqs) -> Iterator[Callable[..., QueueUrls]]:
         if dead_letter:
             dead_letter_url = sqs.create_queue(QueueName=_unique_name(f"{prefix}-dlq"))["QueueUrl"]
             created.append(dead_letter_url)
-            dead_letter_arn = sqs.get_queue_attributes(
-                QueueUrl=dead_letter_url, AttributeNames=["QueueArn"]
-            )["Attributes"]["QueueArn"]
+            dead_letter_arn = sqs.get_queue_attributes(QueueUrl=dead_letter_url, AttributeNames=["QueueArn"])[
+                "Attributes"
+            ]["QueueArn"]
             queue_attributes["RedrivePolicy"] = json.dumps(
                 {"deadLetterTargetArn": dead_letter_arn, "maxReceiveCount": max_receive_count}
             )
 
-        url = sqs.create_queue(QueueName=_unique_name(prefix), Attributes=queue_attributes)[
-            "QueueUrl"
-        ]
+        url = sqs.create_queue(QueueName=_unique_name(prefix), Attributes=queue_attributes)["QueueUrl"]
         created.append(url)
         return QueueUrls(url=url, dead_letter_url=dead_letter_url)
 

@@ -40,6 +40,4 @@ def model_final(events: list[TripEvent]) -> dict[str, Any]:
 def natural_order(events: list[TripEvent]) -> list[TripEvent]:
     """Return each distinct event once: starts, then ends, each kind by revision."""
     distinct = {(event.kind, event.revision): event for event in events}
-    return sorted(
-        distinct.values(), key=lambda event: (event.kind is EventKind.END, event.sort_key())
-    )
+    return sorted(distinct.values(), key=lambda event: (event.kind is EventKind.END, event.sort_key()))

@@ -23,14 +23,21 @@ replay job digit for digit. The replay job also accepts a bare event body
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from taxi_pipeline.errors import InvalidEventError, WriteError
-from taxi_pipeline.events import EventKind, TripEvent, decode_body, parse_event
+from taxi_pipeline.events import MAX_EVENT_BYTES, EventKind, TripEvent, decode_body, parse_event
 
 ENVELOPE_VERSION = 1
+# The envelope adds metadata and JSON escapes to an event of up to
+# MAX_EVENT_BYTES, so it gets its own cap, well below SQS's 256 KiB.
+MAX_ENVELOPE_BYTES = 4 * MAX_EVENT_BYTES
+# Characters that SQS rejects in message bodies and string attribute values:
+# it accepts #x9, #xA, #xD, #x20 to #xD7FF, #xE000 to #xFFFD and #x10000 to #x10FFFF.
+SQS_REJECTED_CHARACTERS = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 VERSION_KEY = "envelope_version"
 MAX_ERROR_MESSAGE_LENGTH = 1024
 
@@ -71,6 +78,17 @@ def build_envelope(
     return json.dumps(envelope, separators=(",", ":"), ensure_ascii=False)
 
 
+def escape_for_sqs(document: str) -> str:
+    """Replace characters that SQS rejects in a JSON document by ``\\uXXXX`` escapes.
+
+    Outside its strings, JSON allows only ASCII, and tab, newline and carriage
+    return are the only control characters it allows there, which SQS
+    accepts. Every rejected character is therefore inside a string, where the
+    escape stands for the same character, so the parsed document is unchanged.
+    """
+    return SQS_REJECTED_CHARACTERS.sub(lambda match: f"\\u{ord(match.group()):04x}", document)
+
+
 def describe_error(error: BaseException) -> dict[str, Any]:
     """Summarise an exception for an envelope or a dead-letter message."""
     return {
@@ -83,15 +101,19 @@ def describe_error(error: BaseException) -> dict[str, Any]:
 
 def open_message(body: bytes | str) -> RetryMessage:
     """Open a retry-queue message body: an envelope of version 1 or a bare event."""
-    document = decode_body(body)
+    document = decode_body(body, max_bytes=MAX_ENVELOPE_BYTES)
     if VERSION_KEY not in document:
+        size = len(body.encode("utf-8", "surrogatepass")) if isinstance(body, str) else len(body)
+        if size > MAX_EVENT_BYTES:
+            decode_body(body)  # a bare event has the event's own limit: raises body_too_large
         return RetryMessage(kind=None, event=document, envelope=None)
 
     version = document[VERSION_KEY]
-    if version != ENVELOPE_VERSION:
+    if isinstance(version, bool) or version != ENVELOPE_VERSION or str(version) != str(ENVELOPE_VERSION):
         raise InvalidEventError(
             "envelope_version_unsupported",
-            f"envelope_version {version} is not supported, this job reads version {ENVELOPE_VERSION}",
+            f"envelope_version {version!r} ({type(version).__name__}) is not supported: "
+            f"this job reads the number {ENVELOPE_VERSION}",
         )
 
     kind_value = document.get("event_kind")
@@ -105,6 +127,8 @@ def open_message(body: bytes | str) -> RetryMessage:
     event = document.get("event")
     if not isinstance(event, str | dict):
         raise InvalidEventError("envelope_invalid", "envelope has no event text")
+    if isinstance(event, str) and len(event.encode("utf-8", "surrogatepass")) > MAX_EVENT_BYTES:
+        decode_body(event)  # raises body_too_large with the event's size
     metadata = {key: value for key, value in document.items() if key != "event"}
     return RetryMessage(kind=kind, event=event, envelope=metadata)
 

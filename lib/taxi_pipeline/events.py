@@ -29,7 +29,7 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Context, Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -54,7 +54,9 @@ _MIN_EXPONENT, _MAX_EXPONENT = -130, 125
 _PORTAL_TIMESTAMP = "%Y/%m/%d %I:%M:%S %p"
 # Plain decimals with optional thousands separators, or scientific notation.
 _NUMBER_TEXT = re.compile(r"^[+-]?(\d{1,3}(,\d{3})+|\d+)(\.\d+)?$|^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
-_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+# Control characters, lone surrogates (not encodable as UTF-8) and U+FFFE,
+# U+FFFF (which SQS rejects) in a trip id or a text value.
+_INVALID_TEXT_CHARACTERS = re.compile("[\x00-\x1f\x7f\ud800-\udfff\ufffe\uffff]")
 MISSING_VALUE_PLACEHOLDERS = frozenset({"-"})
 
 
@@ -87,6 +89,8 @@ class Reason(enum.StrEnum):
     TEXT_TOO_LONG = "text_too_long"
     VERSION_INVALID = "version_invalid"
     EVENT_KIND_UNKNOWN = "event_kind_unknown"
+    TEXT_INVALID = "text_invalid"
+    EVENT_UNPARSEABLE = "event_unparseable"
 
 
 class _FieldType(enum.Enum):
@@ -175,17 +179,17 @@ def revision_of(version: int, digest: str) -> str:
     return f"{version:020d}:{digest}"
 
 
-def decode_body(body: bytes | str) -> dict[str, Any]:
-    """Decode a raw event body into a JSON object with exact decimals.
+def decode_body(body: bytes | str, max_bytes: int = MAX_EVENT_BYTES) -> dict[str, Any]:
+    """Decode a raw body of at most ``max_bytes`` into a JSON object with exact decimals.
 
     Raises ``InvalidEventError`` for an oversized, non-UTF-8, non-JSON or
     non-object body, and for ``NaN`` or ``Infinity`` anywhere in it.
     """
     raw = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else bytes(body)
-    if len(raw) > MAX_EVENT_BYTES:
+    if len(raw) > max_bytes:
         raise InvalidEventError(
             Reason.BODY_TOO_LARGE.value,
-            f"body is {len(raw)} bytes, the maximum is {MAX_EVENT_BYTES}",
+            f"body is {len(raw)} bytes, the maximum is {max_bytes}",
         )
 
     try:
@@ -244,7 +248,18 @@ def parse_event(body: bytes | str | Mapping[str, Any], kind: EventKind | str | N
     """
     record = body if isinstance(body, Mapping) else decode_body(body)
     event_kind = infer_kind(record) if kind is None else EventKind(kind)
-    return validate_record(record, event_kind)
+    try:
+        return validate_record(record, event_kind)
+    except InvalidEventError:
+        raise
+    except (ArithmeticError, ValueError, UnicodeError, RecursionError, TypeError) as exc:
+        # Every known bad value has its own reason code; this keeps one the
+        # checks do not foresee from failing a whole batch or wave.
+        raise InvalidEventError(
+            Reason.EVENT_UNPARSEABLE.value,
+            f"validation failed with {type(exc).__name__}: {exc}",
+            trip_id=_trip_id_or_none(record),
+        ) from exc
 
 
 def validate_record(record: Mapping[str, Any], kind: EventKind) -> TripEvent:
@@ -377,12 +392,13 @@ def _validate_trip_id(record: Mapping[str, Any], problems: list) -> str | None:
     if not trip_id:
         problems.append((Reason.TRIP_ID_EMPTY.value, "trip_id", "trip_id is empty"))
         return None
-    if len(trip_id) > MAX_TRIP_ID_LENGTH or _CONTROL_CHARACTERS.search(trip_id):
+    if len(trip_id) > MAX_TRIP_ID_LENGTH or _INVALID_TEXT_CHARACTERS.search(trip_id):
         problems.append(
             (
                 Reason.TRIP_ID_INVALID.value,
                 "trip_id",
-                f"trip_id must be at most {MAX_TRIP_ID_LENGTH} characters without control characters",
+                f"trip_id must be at most {MAX_TRIP_ID_LENGTH} characters, without control characters, "
+                "surrogates or noncharacters",
             )
         )
         return None
@@ -399,7 +415,7 @@ def _validate_version(value: Any, problems: list) -> int:
         return 0
     if version is None:
         return 0
-    if version != version.to_integral_value() or not 0 <= version <= MAX_VERSION:
+    if not 0 <= version <= MAX_VERSION or version != version.to_integral_value():
         problems.append(
             (
                 Reason.VERSION_INVALID.value,
@@ -425,6 +441,10 @@ def _normalise_text(value: Any) -> str | None:
         return None
     if len(text) > MAX_TEXT_LENGTH:
         raise _FieldProblem(Reason.TEXT_TOO_LONG, f"text is longer than {MAX_TEXT_LENGTH} characters")
+    if _INVALID_TEXT_CHARACTERS.search(text):
+        raise _FieldProblem(
+            Reason.TEXT_INVALID, "text contains control characters, surrogates or noncharacters"
+        )
     return text
 
 
@@ -442,16 +462,25 @@ def parse_timestamp(text: str) -> datetime:
 
     A timestamp without a zone is read as San Francisco local time. In the
     repeated hour when daylight saving time ends, such a timestamp is
-    ambiguous and the earlier instant is taken (``fold=0``).
+    ambiguous and the earlier instant is taken (``fold=0``); in the skipped
+    hour when it starts, it is moved forward by an hour.
     """
     for parse in (_parse_portal, datetime.fromisoformat):
         try:
             moment = parse(text)
         except ValueError:
             continue
-        if moment.tzinfo is None:
-            return moment.replace(tzinfo=SAN_FRANCISCO)
-        return moment.astimezone(SAN_FRANCISCO)
+        try:
+            if moment.tzinfo is None:
+                # The round trip through UTC moves a local time in the
+                # spring-forward gap (02:30 on the day clocks jump to 03:00)
+                # to the instant it names, 03:30 daylight time.
+                moment = moment.replace(tzinfo=SAN_FRANCISCO).astimezone(UTC)
+            return moment.astimezone(SAN_FRANCISCO)
+        except OverflowError as exc:
+            raise _FieldProblem(
+                Reason.TIMESTAMP_INVALID, f"{text!r} is outside the years 1 to 9999 in San Francisco time"
+            ) from exc
     raise _FieldProblem(
         Reason.TIMESTAMP_INVALID,
         f"{text!r} is neither 'YYYY/MM/DD hh:mm:ss AM' nor ISO-8601",
@@ -477,7 +506,12 @@ def _to_decimal(value: Any) -> Decimal | None:
             return None
         if not _NUMBER_TEXT.match(text):
             raise _FieldProblem(Reason.NUMBER_INVALID, f"{value!r} is not a number")
-        number = Decimal(text.replace(",", ""))
+        try:
+            number = Decimal(text.replace(",", ""))
+        except ArithmeticError as exc:
+            raise _FieldProblem(
+                Reason.NUMBER_OUT_OF_RANGE, f"{value!r} does not fit a DynamoDB number"
+            ) from exc
     else:
         raise _FieldProblem(Reason.WRONG_TYPE, f"expected a number, got {type(value).__name__}")
 
@@ -485,15 +519,20 @@ def _to_decimal(value: Any) -> Decimal | None:
         raise _FieldProblem(Reason.NUMBER_NOT_FINITE, f"{value!r} is not a finite number")
     if not number:
         return Decimal(0)  # also turns -0 and 0E-5 into plain 0
-    if _DYNAMODB_CONTEXT.create_decimal(number) != number or not (
-        _MIN_EXPONENT <= number.adjusted() <= _MAX_EXPONENT
-    ):
+    if not _MIN_EXPONENT <= number.adjusted() <= _MAX_EXPONENT or not _fits_38_digits(number):
         raise _FieldProblem(
             Reason.NUMBER_OUT_OF_RANGE,
             f"{value!r} needs more than 38 significant digits or is out of DynamoDB's range",
         )
     # normalize() drops trailing zeros, so 30.40 is stored as 30.4.
     return number.normalize(_DYNAMODB_CONTEXT)
+
+
+def _fits_38_digits(number: Decimal) -> bool:
+    try:
+        return _DYNAMODB_CONTEXT.create_decimal(number) == number
+    except ArithmeticError:
+        return False
 
 
 def _normalise_non_negative(reason: Reason) -> Callable[[Any], Decimal | None]:

@@ -24,7 +24,6 @@ import binascii
 import enum
 import hashlib
 import os
-import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -46,7 +45,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.exceptions import BotoCoreError, ClientError
 
 from taxi_pipeline.aws import AwsSettings
-from taxi_pipeline.envelope import build_envelope
+from taxi_pipeline.envelope import SQS_REJECTED_CHARACTERS, build_envelope, escape_for_sqs
 from taxi_pipeline.errors import InvalidEventError, TaxiPipelineError, WriteError
 from taxi_pipeline.events import EventKind, TripEvent, parse_event
 from taxi_pipeline.writes import TripWriter, WriteOutcome, WriteResult
@@ -85,7 +84,6 @@ WRITE_THREADS = 8
 
 # Characters that SQS accepts in a message body (the XML 1.0 character set).
 # SNS delivers to SQS subscribers, so notifications keep to the same set.
-_SQS_REJECTED_CHARACTERS = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 
 class ConfigurationError(TaxiPipelineError, ValueError):
@@ -100,9 +98,7 @@ class RecordDeliveryError(TaxiPipelineError):
         self.destination = destination
         self.code = code
         self.detail = detail
-        super().__init__(
-            f"record {sequence_number} was not delivered to the {destination}: {code}: {detail}"
-        )
+        super().__init__(f"record {sequence_number} was not delivered to the {destination}: {code}: {detail}")
 
 
 @dataclass(frozen=True)
@@ -121,8 +117,7 @@ class StreamConfig:
         if missing:
             described = ", ".join(f"{name} ({REQUIRED_ENVIRONMENT[name]})" for name in missing)
             raise ConfigurationError(
-                f"Missing environment variables: {described}. "
-                "Set them in the function configuration."
+                f"Missing environment variables: {described}. Set them in the function configuration."
             )
         return cls(
             table_name=values["TABLE_NAME"].strip(),
@@ -229,9 +224,7 @@ def summarise(states: Sequence[RecordState]) -> BatchSummary:
     valid = [state.event for state in states if state.event is not None]
     invalid = [state.invalid for state in states if state.invalid is not None]
     write_errors = [state.write_error for state in states if state.write_error is not None]
-    delivery_errors = [
-        state.failure for state in states if isinstance(state.failure, RecordDeliveryError)
-    ]
+    delivery_errors = [state.failure for state in states if isinstance(state.failure, RecordDeliveryError)]
 
     metrics = {
         "EventsValid": len(valid),
@@ -261,9 +254,7 @@ def parse_record(state: RecordState, kind: EventKind) -> None:
     try:
         state.payload = state.record.kinesis.data_as_bytes()
     except binascii.Error as exc:
-        state.invalid = InvalidEventError(
-            DATA_NOT_BASE64, f"record data is not valid base64: {exc}"
-        )
+        state.invalid = InvalidEventError(DATA_NOT_BASE64, f"record data is not valid base64: {exc}")
         return
 
     try:
@@ -321,7 +312,7 @@ def build_notification_payload(payload: bytes) -> NotificationPayload:
     except UnicodeDecodeError:
         text = None
 
-    if text and not _SQS_REJECTED_CHARACTERS.search(text):
+    if text and not SQS_REJECTED_CHARACTERS.search(text):
         return NotificationPayload(text, "text", truncated, len(payload), digest)
     return NotificationPayload(
         base64.b64encode(kept).decode("ascii"), "base64", truncated, len(payload), digest
@@ -363,9 +354,7 @@ def build_notification_entry(state: RecordState, kind: EventKind) -> OutgoingEnt
     return OutgoingEntry(state, request, size)
 
 
-def build_retry_entry(
-    state: RecordState, kind: EventKind, function_name: str | None
-) -> OutgoingEntry:
+def build_retry_entry(state: RecordState, kind: EventKind, function_name: str | None) -> OutgoingEntry:
     """Build the SendMessageBatch entry that carries a failed write to the retry queue."""
     record = state.record
     source = {
@@ -375,22 +364,9 @@ def build_retry_entry(
         "event_id": record.event_id,
         "approximate_arrival_timestamp": record.kinesis.approximate_arrival_timestamp,
     }
-    envelope = build_envelope(
-        kind, state.payload, state.write_error, source, function_name=function_name
-    )
+    envelope = build_envelope(kind, state.payload, state.write_error, source, function_name=function_name)
     body = escape_for_sqs(envelope)
     return OutgoingEntry(state, {"Id": state.entry_id, "MessageBody": body}, _utf8_length(body))
-
-
-def escape_for_sqs(document: str) -> str:
-    """Replace characters that SQS rejects in a JSON document by ``\\uXXXX`` escapes.
-
-    Outside its strings, JSON allows only ASCII, and tab, newline and carriage
-    return are the only control characters it allows there, which SQS
-    accepts. Every rejected character is therefore inside a string, where the
-    escape stands for the same character, so the parsed document is unchanged.
-    """
-    return _SQS_REJECTED_CHARACTERS.sub(lambda match: f"\\u{ord(match.group()):04x}", document)
 
 
 def split_into_batches(
@@ -434,17 +410,12 @@ def deliver_in_batches(
         try:
             response = send([entry.request for entry in batch])
         except (ClientError, BotoCoreError) as exc:
-            code = (
-                exc.response.get("Error", {}).get("Code", "")
-                if isinstance(exc, ClientError)
-                else ""
-            )
+            code = exc.response.get("Error", {}).get("Code", "") if isinstance(exc, ClientError) else ""
             code = code or type(exc).__name__
             sequence_numbers = [entry.state.sequence_number for entry in batch]
             if logger is not None:
                 logger.warning(
-                    f"Batch call to the {destination} failed, "
-                    "so its records are reported for redelivery",
+                    f"Batch call to the {destination} failed, so its records are reported for redelivery",
                     extra={
                         "error": str(exc),
                         "error_code": code,
@@ -492,9 +463,7 @@ def deliver_in_batches(
     return failures
 
 
-def _mark_failed(
-    state: RecordState, destination: str, code: str, detail: str
-) -> RecordDeliveryError:
+def _mark_failed(state: RecordState, destination: str, code: str, detail: str) -> RecordDeliveryError:
     error = RecordDeliveryError(state.sequence_number, destination, code, detail)
     state.failure = error
     return error
@@ -560,14 +529,10 @@ class StreamFunction:
             self._sns_client = settings.client("sns")
         if self._sqs_client is None:
             self._sqs_client = settings.client("sqs")
-        self._writer = TripWriter(
-            config.table_name, client=self._dynamodb_client, settings=settings
-        )
+        self._writer = TripWriter(config.table_name, client=self._dynamodb_client, settings=settings)
         self.config = config
 
-    def handle(
-        self, event: dict[str, Any], context: LambdaContext | None
-    ) -> PartialItemFailureResponse:
+    def handle(self, event: dict[str, Any], context: LambdaContext | None) -> PartialItemFailureResponse:
         """Process one Kinesis batch and return its partial batch response."""
         # NOTE: nothing here watches the remaining time. An invocation that
         # times out is retried whole by Lambda, which is safe for the table but
@@ -652,9 +617,7 @@ class StreamFunction:
             return
 
         def send(batch: list[dict[str, Any]]) -> Mapping[str, Any]:
-            return self._sqs_client.send_message_batch(
-                QueueUrl=self.config.retry_queue_url, Entries=batch
-            )
+            return self._sqs_client.send_message_batch(QueueUrl=self.config.retry_queue_url, Entries=batch)
 
         deliver_in_batches(entries, send, "retry queue", self.logger)
 

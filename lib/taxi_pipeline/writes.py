@@ -142,16 +142,12 @@ class TripWriter:
     container, per Spark task) from plain ``AwsSettings``.
     """
 
-    def __init__(
-        self, table_name: str, client: Any = None, settings: AwsSettings | None = None
-    ) -> None:
+    def __init__(self, table_name: str, client: Any = None, settings: AwsSettings | None = None) -> None:
         if not table_name:
             raise ValueError("table_name is empty: set the DynamoDB table of the trips")
         self.table_name = table_name
         self.client = (
-            client
-            if client is not None
-            else (settings or AwsSettings.from_env()).client("dynamodb")
+            client if client is not None else (settings or AwsSettings.from_env()).client("dynamodb")
         )
 
     def apply(self, event: TripEvent) -> WriteResult:
@@ -181,18 +177,12 @@ class TripWriter:
 
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         if code in _RETRYABLE_CODES:
-            raise RetryableWriteError(
-                event.trip_id, _RETRYABLE_CODES[code], message, code=code
-            ) from exc
+            raise RetryableWriteError(event.trip_id, _RETRYABLE_CODES[code], message, code=code) from exc
         if status >= 500:
-            raise RetryableWriteError(
-                event.trip_id, "service_error", message or code, code=code
-            ) from exc
+            raise RetryableWriteError(event.trip_id, "service_error", message or code, code=code) from exc
         if code == "ValidationException" and "size" in message.lower():
             raise PermanentWriteError(event.trip_id, "item_too_large", message, code=code) from exc
-        raise PermanentWriteError(
-            event.trip_id, "write_rejected", f"{code}: {message}", code=code
-        ) from exc
+        raise PermanentWriteError(event.trip_id, "write_rejected", f"{code}: {message}", code=code) from exc
 
 
 def _condition_outcome(event: TripEvent, exc: ClientError) -> WriteOutcome:

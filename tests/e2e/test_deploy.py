@@ -144,9 +144,7 @@ def deployed(aws_settings, tmp_path_factory) -> Iterator[DeployedStack]:
     run_id = uuid.uuid4().hex[:8]
     stack_name = f"taxi-pipeline-e2e-{run_id}"
     name_suffix = f"-e2e{run_id}"
-    artifacts_dir, real_handlers = build_from_checkout_or_stand_ins(
-        tmp_path_factory.mktemp("deploy")
-    )
+    artifacts_dir, real_handlers = build_from_checkout_or_stand_ins(tmp_path_factory.mktemp("deploy"))
 
     outputs = deploy_stack(
         stack_name,
@@ -323,9 +321,7 @@ class TestDeployedStack:
     def test_function_configuration(self, deployed, output):
         lambda_client = deployed.settings.client("lambda")
 
-        configuration = lambda_client.get_function_configuration(
-            FunctionName=deployed.outputs[output]
-        )
+        configuration = lambda_client.get_function_configuration(FunctionName=deployed.outputs[output])
 
         variables = configuration["Environment"]["Variables"]
         assert configuration["Runtime"] == "python3.11"
@@ -351,9 +347,9 @@ class TestDeployedStack:
             QueueUrl=deployed.outputs["StreamRecordsFailedQueueUrl"], AttributeNames=["QueueArn"]
         )["Attributes"]["QueueArn"]
 
-        mappings = lambda_client.list_event_source_mappings(
-            FunctionName=deployed.outputs[function_output]
-        )["EventSourceMappings"]
+        mappings = lambda_client.list_event_source_mappings(FunctionName=deployed.outputs[function_output])[
+            "EventSourceMappings"
+        ]
 
         assert len(mappings) == 1
         mapping = mappings[0]
@@ -444,9 +440,7 @@ class TestDeployedStack:
     @pytest.mark.parametrize("output", ["StartFunctionName", "EndFunctionName"])
     def test_function_empty_batch(self, deployed, output):
         if not deployed.real_handlers:
-            pytest.skip(
-                "lambdas/*/app.py are not in this checkout; the stand-in handlers prove nothing"
-            )
+            pytest.skip("lambdas/*/app.py are not in this checkout; the stand-in handlers prove nothing")
         lambda_client = deployed.settings.client("lambda")
 
         response = lambda_client.invoke(

@@ -1,18 +1,22 @@
 """The benchmark's pieces at tiny sizes, so ``python -m bench.run`` keeps working.
 
 Each piece runs against the session's local endpoint as the full benchmark
-runs it: the naive drain, one ceiling level, a replay and a backfill each in
-a fresh Spark process, the stream functions, and the report built from
-their results. The figures themselves are not checked, only that every
+runs it: the naive drain, one ceiling level, a replay in a fresh Spark
+process, the backfill source, the stream functions, and the report built
+from their results. The figures themselves are not checked, only that every
 message was applied and deleted and that the report holds every section.
+The backfill's Spark run goes through the same ``bench.job_process`` as the
+replay and is left out to keep the test short.
 """
 
 from __future__ import annotations
 
 import random
 
+import pyarrow.parquet as pq
 import pytest
 from bench import ceiling, report, run, workload
+from bench.backfill import write_backfill_source
 from bench.estimate import estimate_glue_throughput
 from bench.machine import describe_machine
 
@@ -50,7 +54,7 @@ def test_bench_pieces_at_tiny_sizes(aws_settings, trips, tmp_path):
     assert level.errors == 0
 
     # AND the replay job drains another queue in a Spark process of its own
-    replay = run.run_replay_depth(aws_settings, trips, 100, SEED, tmp_path, None, 1, progress)
+    replay = run.run_replay_depth(aws_settings, trips, 100, SEED, tmp_path, None, 0, progress)
     assert replay["complete"], replay
     assert replay["job"]["report"]["counts"]["messages_deleted"] == 100
     steps = {step["step"] for step in replay["job"]["profile"]["steps"]}
@@ -58,10 +62,12 @@ def test_bench_pieces_at_tiny_sizes(aws_settings, trips, tmp_path):
     assert replay["job"]["driver_peak_rss_mib"] > 0
     assert replay["job"]["memory"]["jvm_peak_rss_mib"] > 0
 
-    # AND a backfill applies a Parquet source
-    backfill = run.run_backfill_bench(aws_settings, trips, 200, SEED, tmp_path, None, progress)
-    assert backfill["complete"], backfill
-    assert backfill["items"] == 100
+    # AND a backfill source holds new trips of both kinds
+    source = write_backfill_source(trips, 200, tmp_path / "backfill", SEED)
+    starts = pq.read_table(tmp_path / "backfill" / "start_taxi_trips.parquet")
+    ends = pq.read_table(tmp_path / "backfill" / "end_taxi_trips.parquet")
+    assert (source["rows"], starts.num_rows, ends.num_rows) == (200, 100, 100)
+    assert starts.column("trip_id").to_pylist() == ends.column("trip_id").to_pylist()
 
     # THEN the report holds every section and the targets it can check
     results = {
@@ -72,7 +78,6 @@ def test_bench_pieces_at_tiny_sizes(aws_settings, trips, tmp_path):
         "ceiling": {"levels": [level.to_dict()], "best": level.to_dict(), "seconds_per_level": 1.0},
         "baseline": baseline,
         "replay": [replay],
-        "backfill": backfill,
         "load_average_at_end": (0.0, 0.0, 0.0),
         "total_seconds": 1.0,
     }

@@ -178,9 +178,7 @@ def test_glue_requirements_match_dev_pins():
 
     for name, specifier in glue.items():
         if specifier.startswith("=="):
-            assert dev.get(name) == specifier, (
-                f"{name}{specifier} differs from requirements/dev.txt"
-            )
+            assert dev.get(name) == specifier, f"{name}{specifier} differs from requirements/dev.txt"
 
 
 def test_cmd_runs_whole_suite(instructions):

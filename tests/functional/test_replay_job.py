@@ -40,9 +40,7 @@ def end(trip_id: str, **fields) -> dict:
 
 
 def wrap(body: dict, kind: EventKind) -> str:
-    error = RetryableWriteError(
-        body["trip_id"], "throttled", "Rate exceeded", code="ThrottlingException"
-    )
+    error = RetryableWriteError(body["trip_id"], "throttled", "Rate exceeded", code="ThrottlingException")
     source = {
         "stream_arn": "arn:aws:kinesis:us-east-1:000000000000:stream/end-trip-stream",
         "sequence_number": "1",
@@ -52,10 +50,7 @@ def wrap(body: dict, kind: EventKind) -> str:
 
 def send_all(sqs, queue_url: str, bodies: list[str]) -> None:
     for offset in range(0, len(bodies), 10):
-        entries = [
-            {"Id": str(i), "MessageBody": body}
-            for i, body in enumerate(bodies[offset : offset + 10])
-        ]
+        entries = [{"Id": str(i), "MessageBody": body} for i, body in enumerate(bodies[offset : offset + 10])]
         response = sqs.send_message_batch(QueueUrl=queue_url, Entries=entries)
         assert not response.get("Failed"), response["Failed"]
 
@@ -89,9 +84,7 @@ def visible_count(sqs, queue_url: str) -> int:
     return queue_counts(sqs, queue_url)["ApproximateNumberOfMessages"]
 
 
-def test_drain_applies_mixed_queue_exactly(
-    spark, sqs, dynamodb, trip_table, make_queue, aws_settings
-):
+def test_drain_applies_mixed_queue_exactly(spark, sqs, dynamodb, trip_table, make_queue, aws_settings):
     # GIVEN duplicates, out-of-order events, reserved field names, poison messages and bare bodies
     queue = make_queue("retry", dead_letter=True)
     events = {
@@ -164,9 +157,7 @@ def test_empty_queue_ends_at_once(spark, trip_table, make_queue, aws_settings):
 def test_delete_with_stale_receipt_handle_is_reported(sqs, make_queue):
     queue = make_queue("stale")
     send_all(sqs, queue.url, [json.dumps(end("s1"))])
-    handle = sqs.receive_message(QueueUrl=queue.url, MaxNumberOfMessages=1)["Messages"][0][
-        "ReceiptHandle"
-    ]
+    handle = sqs.receive_message(QueueUrl=queue.url, MaxNumberOfMessages=1)["Messages"][0]["ReceiptHandle"]
 
     deleted, failed = delete_messages(sqs, queue.url, [handle, "not-a-receipt-handle"])
 
@@ -198,9 +189,7 @@ def test_failing_writes_stay_on_queue_and_run_ends(spark, sqs, make_queue, aws_s
     assert drain(sqs, queue.dead_letter_url) == []
 
 
-def test_dry_run_writes_and_deletes_nothing(
-    spark, sqs, dynamodb, trip_table, make_queue, aws_settings
-):
+def test_dry_run_writes_and_deletes_nothing(spark, sqs, dynamodb, trip_table, make_queue, aws_settings):
     queue = make_queue("dry", dead_letter=True)
     send_all(sqs, queue.url, [json.dumps(end("d1")), json.dumps(end("d1")), "oops"])
     options = ReplayOptions(queue_url=queue.url, table_name=trip_table, dry_run=True, **FAST)
@@ -242,9 +231,7 @@ def _job_command(queue_url: str, table: str, *extra: str) -> list[str]:
     ]
 
 
-def test_job_stopped_mid_wave_converges_on_rerun(
-    sqs, dynamodb, trip_table, make_queue, endpoint_url
-):
+def test_job_stopped_mid_wave_converges_on_rerun(sqs, dynamodb, trip_table, make_queue, endpoint_url):
     # GIVEN a queue of 400 events of 200 trips, each sent twice
     queue = make_queue("restart", dead_letter=True, max_receive_count=10)
     trips = [(end(f"r{n}", tip=n), start(f"r{n}")) for n in range(200)]
@@ -272,10 +259,7 @@ def test_job_stopped_mid_wave_converges_on_rerun(
     )
     try:
         deadline = time.time() + 120
-        while (
-            time.time() < deadline
-            and dynamodb.scan(TableName=trip_table, Select="COUNT")["Count"] == 0
-        ):
+        while time.time() < deadline and dynamodb.scan(TableName=trip_table, Select="COUNT")["Count"] == 0:
             time.sleep(0.2)
     finally:
         os.killpg(process.pid, signal.SIGKILL)
@@ -301,9 +285,7 @@ def test_job_stopped_mid_wave_converges_on_rerun(
         assert items[f"r{n}"]["tip"] == Decimal(n)
         assert items[f"r{n}"]["trip_status"] == "ended"
     counts = queue_counts(sqs, queue.url)
-    assert (
-        counts["ApproximateNumberOfMessages"] + counts["ApproximateNumberOfMessagesNotVisible"] == 0
-    )
+    assert counts["ApproximateNumberOfMessages"] + counts["ApproximateNumberOfMessagesNotVisible"] == 0
     assert drain(sqs, queue.dead_letter_url) == []
 
 
@@ -334,14 +316,10 @@ def expected_from_rows(starts, ends) -> dict[str, dict]:
     by_trip: dict[str, list] = {}
     for event in events:
         by_trip.setdefault(event.trip_id, []).append(event)
-    return {
-        trip_id: model_final(natural_order(trip_events)) for trip_id, trip_events in by_trip.items()
-    }
+    return {trip_id: model_final(natural_order(trip_events)) for trip_id, trip_events in by_trip.items()}
 
 
-def test_backfill_real_sample_from_parquet(
-    spark, dynamodb, trip_table, aws_settings, sample_rows, tmp_path
-):
+def test_backfill_real_sample_from_parquet(spark, dynamodb, trip_table, aws_settings, sample_rows, tmp_path):
     # GIVEN the real sample's two Parquet files in one folder
     starts, ends = sample_rows
     pq.write_table(starts, tmp_path / "start.parquet")
@@ -361,9 +339,7 @@ def test_backfill_real_sample_from_parquet(
     assert scan_table(dynamodb, trip_table) == expected_from_rows(starts, ends)
 
 
-def test_backfill_json_lines_and_csv_report_bad_rows(
-    spark, dynamodb, trip_table, aws_settings, tmp_path
-):
+def test_backfill_json_lines_and_csv_report_bad_rows(spark, dynamodb, trip_table, aws_settings, tmp_path):
     lines = [json.dumps(start("j1", hail_type="street")), json.dumps(end("j1", tip=2.5)), "{broken"]
     (tmp_path / "events.jsonl").write_text("\n".join(lines) + "\n")
     csv_dir = tmp_path / "csv"
@@ -423,3 +399,82 @@ def test_message_limit_is_exact_across_tasks(spark, sqs, trip_table, make_queue,
     assert summary["counts"]["messages_received"] == 7
     assert summary["outcomes"] == {"applied": 7}
     assert visible_count(sqs, queue.url) == 18
+
+
+def test_backfill_csv_files_with_different_headers(spark, dynamodb, trip_table, aws_settings, tmp_path):
+    # GIVEN a start file and an end file with different CSV headers in one folder
+    (tmp_path / "a_start.csv").write_text(
+        "trip_id,start_time_local,vehicle_placard_number,driver_id,hail_type\n"
+        't1,2023/01/23 06:37:21 AM,P-1,"D,1",street\n'
+    )
+    (tmp_path / "b_end.csv").write_text(
+        "trip_id,end_time_local,fare_type,meter_fare_amount,tip\nt1,2023/01/23 06:49:34 AM,meter,30.40,5\n"
+    )
+
+    # WHEN they are backfilled
+    summary = run_backfill(spark, BackfillOptions(source=str(tmp_path), table_name=trip_table), aws_settings)
+
+    # THEN each row keeps its own column names
+    assert summary.to_dict()["outcomes"] == {"applied": 2}
+    item = scan_table(dynamodb, trip_table)["t1"]
+    assert item["start_time_local"] == "2023-01-23T06:37:21-08:00"
+    assert item["driver_id"] == "D,1"
+    assert item["hail_type"] == "street"
+    assert item["meter_fare_amount"] == Decimal("30.4")
+    assert item["trip_status"] == "ended"
+
+
+def test_backfill_skips_blank_json_lines(spark, trip_table, aws_settings, tmp_path):
+    (tmp_path / "events.jsonl").write_text(json.dumps(end("b1")) + "\n\n   \n")
+    summary = run_backfill(spark, BackfillOptions(source=str(tmp_path), table_name=trip_table), aws_settings)
+    assert summary.to_dict()["outcomes"] == {"applied": 1}
+    assert summary.to_dict()["counts"]["blank_lines_skipped"] == 2
+
+
+def test_unparseable_values_are_dead_lettered_not_fatal(
+    spark, sqs, dynamodb, trip_table, make_queue, aws_settings
+):
+    queue = make_queue("extreme", dead_letter=True)
+    bodies = [
+        json.dumps(end("g1")),
+        '{"trip_id": "x1", "end_time_local": "2023/01/23 06:49:34 AM", "tip": 1E+1000000}',
+        '{"trip_id": "x2\\ud800", "end_time_local": "2023/01/23 06:49:34 AM"}',
+        '{"trip_id": "x3", "end_time_local": "0001-01-01T00:00:00+00:00"}',
+        json.dumps(end("g2")),
+    ]
+    send_all(sqs, queue.url, bodies)
+
+    summary = run_replay(
+        spark, ReplayOptions(queue_url=queue.url, table_name=trip_table, **FAST), aws_settings
+    )
+
+    assert summary.to_dict()["outcomes"] == {"applied": 2, "dead_lettered": 3}
+    assert set(scan_table(dynamodb, trip_table)) == {"g1", "g2"}
+    reasons = sorted(
+        m["MessageAttributes"]["reason"]["StringValue"] for m in drain(sqs, queue.dead_letter_url)
+    )
+    assert reasons == ["number_out_of_range", "timestamp_invalid", "trip_id_invalid"]
+
+
+def test_missing_dead_letter_queue_is_named(spark, sqs, trip_table, make_queue, aws_settings):
+    queue = make_queue("nodlq")
+    missing = queue.url.rsplit("/", 1)[0] + "/no-such-dead-letter-queue"
+    options = ReplayOptions(queue_url=queue.url, table_name=trip_table, dead_letter_queue_url=missing, **FAST)
+    with pytest.raises(ValueError, match="dead-letter queue .*no-such-dead-letter-queue"):
+        run_replay(spark, options, aws_settings)
+
+
+def test_message_received_again_keeps_newest_handle(sqs, make_queue):
+    from taxi_pipeline.replay.queue import ReceiveQuota, receive_messages
+
+    queue = make_queue("again")
+    send_all(sqs, queue.url, [json.dumps(end("n1"))])
+    quota = ReceiveQuota(
+        max_messages=5, wait_time_seconds=1, visibility_timeout=1, threads=1, max_empty_polls=3
+    )
+
+    messages, counts = receive_messages(sqs, queue.url, quota)
+
+    assert counts["received_twice"] >= 1
+    deleted, failed = delete_messages(sqs, queue.url, [messages[0].receipt_handle])
+    assert (deleted, failed) == (1, [])

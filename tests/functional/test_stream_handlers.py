@@ -123,9 +123,7 @@ class ReceivedMessage:
     attributes: dict[str, str]
 
 
-def receive_messages(
-    sqs, queue_url: str, expected: int, timeout: float = 10.0
-) -> list[ReceivedMessage]:
+def receive_messages(sqs, queue_url: str, expected: int, timeout: float = 10.0) -> list[ReceivedMessage]:
     """Receive until ``expected`` messages arrived, then check for one second that no more come."""
     messages: list[ReceivedMessage] = []
     deadline = time.monotonic() + timeout
@@ -147,8 +145,7 @@ def _receive_batch(sqs, queue_url: str, wait_seconds: int) -> list[ReceivedMessa
         ReceivedMessage(
             body=message["Body"],
             attributes={
-                name: value["StringValue"]
-                for name, value in message.get("MessageAttributes", {}).items()
+                name: value["StringValue"] for name, value in message.get("MessageAttributes", {}).items()
             },
         )
         for message in response.get("Messages", [])
@@ -175,9 +172,7 @@ def batch_log_lines(output: str) -> list[dict]:
 
 
 def failures(*offsets: int) -> dict:
-    return {
-        "batchItemFailures": [{"itemIdentifier": sequence_number(offset)} for offset in offsets]
-    }
+    return {"batchItemFailures": [{"itemIdentifier": sequence_number(offset)} for offset in offsets]}
 
 
 def start_body(trip_id: str, **fields) -> dict:
@@ -192,9 +187,7 @@ def expected_item(*events) -> dict:
     return model_final(natural_order(list(events)))
 
 
-def notification_attributes(
-    kind: EventKind, offset: int, reason: str, payload: bytes, encoding: str
-):
+def notification_attributes(kind: EventKind, offset: int, reason: str, payload: bytes, encoding: str):
     return {
         "reason": reason,
         "event_kind": kind.value,
@@ -304,8 +297,7 @@ def test_invalid_events_are_published_with_attributes(
     }
     messages = receive_messages(sqs, invalid_topic.subscriber_url, expected=len(expected_reasons))
     by_offset = {
-        int(message.attributes["sequence_number"]) - int(sequence_number(0)): message
-        for message in messages
+        int(message.attributes["sequence_number"]) - int(sequence_number(0)): message for message in messages
     }
     assert sorted(by_offset) == sorted(expected_reasons)
     assert len(messages) == len(expected_reasons)
@@ -317,9 +309,7 @@ def test_invalid_events_are_published_with_attributes(
             continue
         payload = encode_body(bodies[offset])
         assert message.body == payload.decode("utf-8")
-        assert message.attributes == notification_attributes(
-            EventKind.START, offset, reason, payload, "text"
-        )
+        assert message.attributes == notification_attributes(EventKind.START, offset, reason, payload, "text")
 
     # AND a payload that is not UTF-8 arrives as base64
     not_utf8 = by_offset[1]
@@ -377,9 +367,7 @@ def test_missing_table_sends_events_for_replay(
     assert response == NO_FAILURES
     envelopes = receive_messages(sqs, retry_queue, expected=3)
     assert len(envelopes) == 3
-    by_sequence = {
-        json.loads(message.body)["source"]["sequence_number"]: message for message in envelopes
-    }
+    by_sequence = {json.loads(message.body)["source"]["sequence_number"]: message for message in envelopes}
     assert sorted(by_sequence) == [sequence_number(0), sequence_number(2), sequence_number(3)]
 
     for offset in (0, 2, 3):
@@ -458,9 +446,7 @@ def test_retry_queue_unavailable_reports_failed_writes(
 ):
     # GIVEN a missing table and a retry queue URL that names no queue
     monkeypatch.setenv("TABLE_NAME", f"missing-{uuid.uuid4().hex[:8]}")
-    monkeypatch.setenv(
-        "RETRY_QUEUE_URL", f"{endpoint_url}/000000000000/no-such-queue-{uuid.uuid4().hex[:8]}"
-    )
+    monkeypatch.setenv("RETRY_QUEUE_URL", f"{endpoint_url}/000000000000/no-such-queue-{uuid.uuid4().hex[:8]}")
     bodies = [start_body("q-1"), b"not json", start_body("q-2")]
 
     # WHEN the batch is handled
@@ -527,9 +513,7 @@ class PartiallyFailingClient:
 
 def test_partial_publish_failure_reports_one_record(function_env, sns, sqs, invalid_topic):
     # GIVEN a topic that fails the entry of the record at position 1
-    handler = create_lambda_handler(
-        EventKind.START, sns_client=PartiallyFailingClient(sns, failed_ids={"1"})
-    )
+    handler = create_lambda_handler(EventKind.START, sns_client=PartiallyFailingClient(sns, failed_ids={"1"}))
     event = kinesis_event([b"bad-0", b"bad-1", b"bad-2"], EventKind.START)
 
     # WHEN the batch is handled
@@ -544,9 +528,7 @@ def test_partial_publish_failure_reports_one_record(function_env, sns, sqs, inva
 def test_partial_send_failure_reports_one_record(function_env, monkeypatch, sqs, retry_queue):
     # GIVEN a missing table and a retry queue that fails the entry of the record at position 0
     monkeypatch.setenv("TABLE_NAME", f"missing-{uuid.uuid4().hex[:8]}")
-    handler = create_lambda_handler(
-        EventKind.END, sqs_client=PartiallyFailingClient(sqs, failed_ids={"0"})
-    )
+    handler = create_lambda_handler(EventKind.END, sqs_client=PartiallyFailingClient(sqs, failed_ids={"0"}))
     event = kinesis_event([end_body("p-0"), end_body("p-1")], EventKind.END)
 
     # WHEN the batch is handled
@@ -563,13 +545,9 @@ def test_partial_send_failure_reports_one_record(function_env, monkeypatch, sqs,
 # --- Duplicates and order -------------------------------------------------------
 
 
-def test_duplicate_delivery_keeps_table_state(
-    function_env, dynamodb, sqs, trip_table, invalid_topic, capsys
-):
+def test_duplicate_delivery_keeps_table_state(function_env, dynamodb, sqs, trip_table, invalid_topic, capsys):
     # GIVEN a batch with one record twice, and an invalid record
-    first = kinesis_record(
-        start_body("dup-1", hail_type="street"), EventKind.START, sequence_number(0)
-    )
+    first = kinesis_record(start_body("dup-1", hail_type="street"), EventKind.START, sequence_number(0))
     invalid = kinesis_record(b"not json", EventKind.START, sequence_number(1))
     other = kinesis_record(start_body("dup-2"), EventKind.START, sequence_number(2))
     event = {"Records": [first, dict(first), invalid, other]}
@@ -606,18 +584,14 @@ def test_end_before_start_gives_ended_trip(function_env, dynamodb, trip_table):
 
     # WHEN the end function and then the start function handle them
     end_response = invoke(EventKind.END, kinesis_event([end], EventKind.END))
-    start_response = invoke(
-        EventKind.START, kinesis_event([start], EventKind.START, first_offset=1)
-    )
+    start_response = invoke(EventKind.START, kinesis_event([start], EventKind.START, first_offset=1))
 
     # THEN the trip is ended and has the attributes of both events
     assert end_response == NO_FAILURES
     assert start_response == NO_FAILURES
     item = table_items(dynamodb, trip_table)["late-start-1"]
     assert item["trip_status"] == "ended"
-    assert item == expected_item(
-        parse_event(end, EventKind.END), parse_event(start, EventKind.START)
-    )
+    assert item == expected_item(parse_event(end, EventKind.END), parse_event(start, EventKind.START))
 
 
 def test_trip_versions_keep_newest(function_env, dynamodb, trip_table, capsys):

@@ -19,14 +19,10 @@ _deserializer = TypeDeserializer()
 
 
 def read_item(dynamodb, table: str, trip_id: str) -> dict | None:
-    item = dynamodb.get_item(
-        TableName=table, Key={"trip_id": {"S": trip_id}}, ConsistentRead=True
-    ).get("Item")
-    return (
-        None
-        if item is None
-        else {name: _deserializer.deserialize(value) for name, value in item.items()}
+    item = dynamodb.get_item(TableName=table, Key={"trip_id": {"S": trip_id}}, ConsistentRead=True).get(
+        "Item"
     )
+    return None if item is None else {name: _deserializer.deserialize(value) for name, value in item.items()}
 
 
 def start(trip_id: str, version: int = 0, **fields):
@@ -53,9 +49,7 @@ def writer(trip_table, aws_settings):
 
 
 def test_float_is_stored_as_exact_number(writer, dynamodb, trip_table):
-    event = parse_event(
-        b'{"trip_id":"f1","end_time_local":"2023/01/23 06:49:34 AM","tip":30.40}', "end"
-    )
+    event = parse_event(b'{"trip_id":"f1","end_time_local":"2023/01/23 06:49:34 AM","tip":30.40}', "end")
     assert writer.apply(event).outcome is WriteOutcome.APPLIED
 
     raw = dynamodb.get_item(TableName=trip_table, Key={"trip_id": {"S": "f1"}})["Item"]
@@ -163,22 +157,16 @@ live_events = st.lists(
 )
 
 
-@settings(
-    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(specs=live_events, data=st.data())
 def test_live_writes_match_the_model(writer, dynamodb, trip_table, specs, data):
     # GIVEN distinct events of a fresh trip, delivered shuffled and repeated
     trip_id = f"live-{next(_case_counter)}"
     events = [
-        start(trip_id, version, hail_type=value)
-        if kind == "start"
-        else end(trip_id, version, tip=value)
+        start(trip_id, version, hail_type=value) if kind == "start" else end(trip_id, version, tip=value)
         for kind, version, value in specs
     ]
-    deliveries = data.draw(
-        st.permutations(events + data.draw(st.lists(st.sampled_from(events), max_size=4)))
-    )
+    deliveries = data.draw(st.permutations(events + data.draw(st.lists(st.sampled_from(events), max_size=4))))
 
     # WHEN they are written
     for event in deliveries:

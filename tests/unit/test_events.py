@@ -93,9 +93,7 @@ def test_iso_timestamps_are_converted_to_san_francisco(given, stored):
 
 
 def test_float_from_json_is_exact_decimal():
-    event = parse_event(
-        b'{"trip_id":"a","end_time_local":"2023/01/23 06:49:34 AM","tip":30.40}', "end"
-    )
+    event = parse_event(b'{"trip_id":"a","end_time_local":"2023/01/23 06:49:34 AM","tip":30.40}', "end")
     assert event.attributes["tip"] == Decimal("30.4")
     assert str(event.attributes["tip"]) == "30.4"
 
@@ -212,7 +210,30 @@ def test_revision_orders_versions_numerically():
 
 
 def test_event_json_round_trip_is_lossless():
-    event = parse_event(
-        end_body(tip=30.40, trip_distance_meters="2,735.8848", qa_flags="LP-"), EventKind.END
-    )
+    event = parse_event(end_body(tip=30.40, trip_distance_meters="2,735.8848", qa_flags="LP-"), EventKind.END)
     assert event_from_json(event_to_json(event)) == event
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({"upfront_pricing": "1E+1000000"}, "number_out_of_range"),
+        ({"event_version": "1e999999999"}, "version_invalid"),
+        ({"trip_id": "p\ud800"}, "trip_id_invalid"),
+        ({"trip_id": "p\ufffe"}, "trip_id_invalid"),
+        ({"hail_type": "street\ud800"}, "text_invalid"),
+        ({"start_time_local": "0001-01-01T00:00:00+00:00"}, "timestamp_invalid"),
+        ({"start_time_local": "9999-12-31T23:00:00-12:00"}, "timestamp_invalid"),
+    ],
+)
+def test_extreme_values_are_rejected_not_raised(fields, reason):
+    body = start_body()
+    body.update(fields)
+    assert reason in reasons_of(body)
+
+
+def test_time_in_spring_forward_gap_moves_forward():
+    local = parse_event(start_body(start_time_local="2023-03-12T02:30:00"), EventKind.START)
+    utc = parse_event(start_body(start_time_local="2023-03-12T10:30:00Z"), EventKind.START)
+    assert local.attributes["start_time_local"] == "2023-03-12T03:30:00-07:00"
+    assert local.digest == utc.digest

@@ -62,7 +62,8 @@ def test_bad_optional_value_names_the_argument(argument, message):
     ("field", "value", "message"),
     [
         ("wait_time_seconds", 21, "from 0 to 20"),
-        ("visibility_timeout", 0, "from 1 to 43200"),
+        ("visibility_timeout", 50_000, "from 1 to 43200"),
+        ("visibility_timeout", 20, "longer than twice wait_time_seconds"),
         ("wave_size", 0, "wave_size must be a positive number"),
     ],
 )
@@ -72,9 +73,7 @@ def test_out_of_range_options_are_rejected(field, value, message):
 
 
 def test_backfill_options_from_arguments():
-    arguments = resolve_arguments(
-        BASE + ["--source", "s3://bucket/events/", "--source_format", "parquet"]
-    )
+    arguments = resolve_arguments(BASE + ["--source", "s3://bucket/events/", "--source_format", "parquet"])
     options = backfill_options(arguments)
     assert (options.source, options.source_format, options.table_name) == (
         "s3://bucket/events/",

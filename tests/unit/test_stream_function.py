@@ -83,9 +83,7 @@ class FakeDynamoDB:
         revisions: dict[str, list[str]] = {}
         for request in self.requests:
             trip_id = request["Key"]["trip_id"]["S"]
-            revisions.setdefault(trip_id, []).append(
-                request["ExpressionAttributeValues"][":rev"]["S"]
-            )
+            revisions.setdefault(trip_id, []).append(request["ExpressionAttributeValues"][":rev"]["S"])
         return revisions
 
 
@@ -113,9 +111,7 @@ class FakeBatchClient:
             raise self.error
         ids = [entry["Id"] for entry in entries]
         return {
-            "Successful": [
-                {"Id": i, "MessageId": f"m-{i}"} for i in ids if i not in self.failed_ids
-            ],
+            "Successful": [{"Id": i, "MessageId": f"m-{i}"} for i in ids if i not in self.failed_ids],
             "Failed": [
                 {"Id": i, "Code": "InternalError", "SenderFault": False, "Message": "failed"}
                 for i in ids
@@ -165,9 +161,7 @@ def make_function(kind=EventKind.START, **options) -> StreamFunction:
 
 
 def failures(*offsets: int) -> dict:
-    return {
-        "batchItemFailures": [{"itemIdentifier": sequence_number(offset)} for offset in offsets]
-    }
+    return {"batchItemFailures": [{"itemIdentifier": sequence_number(offset)} for offset in offsets]}
 
 
 # --- Outcomes and the response --------------------------------------------------
@@ -176,9 +170,7 @@ def failures(*offsets: int) -> dict:
 def test_handle_valid_and_invalid_mix():
     # GIVEN two valid events and two invalid ones
     function = make_function()
-    event = kinesis_event(
-        [start_body("a"), b"not json", start_body("b"), {"trip_id": ""}], EventKind.START
-    )
+    event = kinesis_event([start_body("a"), b"not json", start_body("b"), {"trip_id": ""}], EventKind.START)
 
     # WHEN the batch is handled
     response = function.handle(event, lambda_context(EventKind.START))
@@ -234,9 +226,7 @@ def test_handle_failed_writes_go_to_retry_queue():
         }
     )
     function = make_function(kind=EventKind.START, dynamodb_client=dynamodb)
-    event = kinesis_event(
-        [start_body("ok"), start_body("slow"), start_body("big")], EventKind.START
-    )
+    event = kinesis_event([start_body("ok"), start_body("slow"), start_body("big")], EventKind.START)
 
     # WHEN the batch is handled
     response = function.handle(event, lambda_context(EventKind.START))
@@ -250,18 +240,14 @@ def test_handle_failed_writes_go_to_retry_queue():
         ("RetryableWriteError", "throttled"),
         ("PermanentWriteError", "item_too_large"),
     ]
-    assert {json.loads(entry["MessageBody"])["function_name"] for entry in sent} == {
-        "start-taxi-trips"
-    }
+    assert {json.loads(entry["MessageBody"])["function_name"] for entry in sent} == {"start-taxi-trips"}
 
 
 def test_handle_failed_send_reports_record():
     dynamodb = FakeDynamoDB(errors={"slow": client_error("ThrottlingException")})
     sqs = FakeBatchClient(failed_ids={"2"})
     function = make_function(dynamodb_client=dynamodb, sqs_client=sqs)
-    event = kinesis_event(
-        [start_body("slow"), start_body("ok"), start_body("slow", 1)], EventKind.START
-    )
+    event = kinesis_event([start_body("slow"), start_body("ok"), start_body("slow", 1)], EventKind.START)
 
     response = function.handle(event, None)
 

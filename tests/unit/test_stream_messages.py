@@ -280,8 +280,7 @@ def test_notification_entry_size_counts_body_and_attributes():
 
     attributes = entry.request["MessageAttributes"]
     expected = len(b"not json") + sum(
-        len(name) + len(value["DataType"]) + len(value["StringValue"])
-        for name, value in attributes.items()
+        len(name) + len(value["DataType"]) + len(value["StringValue"]) for name, value in attributes.items()
     )
     assert entry.size == expected
 
@@ -448,9 +447,7 @@ def test_deliver_in_batches_marks_failed_entries():
     entries = entries_of([10, 10, 10])
     response = {
         "Successful": [{"Id": "0", "MessageId": "m-0"}],
-        "Failed": [
-            {"Id": "1", "SenderFault": False, "Code": "InternalError", "Message": "try again"}
-        ],
+        "Failed": [{"Id": "1", "SenderFault": False, "Code": "InternalError", "Message": "try again"}],
     }
 
     failures = deliver_in_batches(entries, RecordingSend(response), "retry queue")
@@ -499,9 +496,7 @@ def test_deliver_with_stubbed_sns_client():
         region_name="us-east-1", aws_access_key_id="test", aws_secret_access_key="test"
     ).client("sns")
     topic = "arn:aws:sns:us-east-1:000000000000:Invalid-taxi-trips"
-    entries = [
-        build_notification_entry(parsed_state(b"bad", offset=i), EventKind.START) for i in range(3)
-    ]
+    entries = [build_notification_entry(parsed_state(b"bad", offset=i), EventKind.START) for i in range(3)]
     stubber = Stubber(client)
     stubber.add_response(
         "publish_batch",

@@ -87,9 +87,7 @@ trip_events = st.lists(
             version=st.integers(0, 3),
             hail_type=st.sampled_from(["street", "dispatch", None]),
         ),
-        st.builds(
-            end_event, version=st.integers(0, 3), tip=st.sampled_from([0, 1.5, "2,000.10", None])
-        ),
+        st.builds(end_event, version=st.integers(0, 3), tip=st.sampled_from([0, 1.5, "2,000.10", None])),
     ),
     min_size=1,
     max_size=6,
@@ -100,9 +98,7 @@ trip_events = st.lists(
 @given(events=trip_events, data=st.data())
 def test_any_order_and_repetition_gives_same_item(events, data):
     # GIVEN a delivery of the events in any order, each any number of times
-    deliveries = data.draw(
-        st.lists(st.sampled_from(events), min_size=len(events), max_size=3 * len(events))
-    )
+    deliveries = data.draw(st.lists(st.sampled_from(events), min_size=len(events), max_size=3 * len(events)))
     deliveries += events
     shuffled = data.draw(st.permutations(deliveries))
 

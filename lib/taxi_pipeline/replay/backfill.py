@@ -26,18 +26,39 @@ def read_source(spark: SparkSession, source: str, source_format: str = "auto") -
     format's suffix (``.parquet``, ``.json`` or ``.jsonl``, ``.csv``), so a
     README or a marker file beside the data is skipped. JSON Lines are read as
     text, one raw event per line, so they go through exactly the parsing of a
-    stream record. CSV columns are read as strings and Parquet columns with
-    their own types; start and end files in one folder merge into one schema.
+    stream record. CSV columns are read as strings, each file by its own
+    header, and Parquet columns with their own types; start and end files in
+    one folder merge into one schema by column name.
     """
     fmt = source_format if source_format != "auto" else guess_format(source)
     reader = spark.read.option("recursiveFileLookup", "true").option("pathGlobFilter", FILE_PATTERNS[fmt])
     if fmt == "parquet":
         frame = reader.option("mergeSchema", "true").parquet(source)
     elif fmt == "csv":
-        frame = reader.option("header", "true").option("inferSchema", "false").csv(source)
+        frame = _read_csv_files(spark, reader, source)
     else:
         frame = reader.text(source).withColumnRenamed("value", "body")
     return frame, fmt
+
+
+def _read_csv_files(spark: SparkSession, reader, source: str) -> DataFrame:
+    """Read every CSV file by its own header and merge them by column name.
+
+    Spark's CSV reader applies the first file's header to every file by
+    position, which would put an end file's values under a start file's
+    column names.
+    """
+    # NOTE: one read per file; a source of many thousands of CSV files plans slowly.
+    paths = [row["path"] for row in reader.format("binaryFile").load(source).select("path").collect()]
+    if not paths:
+        raise ValueError(f"no .csv files found under {source!r}")
+    frames = [
+        spark.read.option("header", "true").option("inferSchema", "false").csv(path) for path in sorted(paths)
+    ]
+    merged = frames[0]
+    for frame in frames[1:]:
+        merged = merged.unionByName(frame, allowMissingColumns=True)
+    return merged
 
 
 def guess_format(source: str) -> str:
@@ -81,6 +102,10 @@ def run_backfill(
     report = RunReport(mode="backfill", job_name=options.job_name)
     frame, fmt = read_source(spark, options.source, options.source_format)
     frame = frame.withColumn("_source_file", F.input_file_name())
+    if fmt == "json":
+        blank = F.trim(F.col("body")) == ""
+        report.counts["blank_lines_skipped"] = frame.filter(blank).count()
+        frame = frame.filter(~blank)
     parsed = (steps.parse_event_lines(frame) if fmt == "json" else steps.parse_records(frame)).persist(
         StorageLevel.MEMORY_AND_DISK
     )

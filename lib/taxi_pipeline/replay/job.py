@@ -23,7 +23,7 @@ from pyspark.sql import DataFrame, SparkSession
 from taxi_pipeline.aws import AwsSettings
 from taxi_pipeline.replay import steps
 from taxi_pipeline.replay.options import ReplayOptions
-from taxi_pipeline.replay.queue import ReceiveQuota, dead_letter_queue_of, queue_counts
+from taxi_pipeline.replay.queue import ReceiveQuota, check_queue_exists, dead_letter_queue_of, queue_counts
 from taxi_pipeline.replay.report import RunReport, publish_metrics, write_report
 from taxi_pipeline.replay.tasks import (
     QueueTarget,
@@ -60,7 +60,10 @@ def run_replay(spark: SparkSession, options: ReplayOptions, settings: AwsSetting
     report = RunReport(mode="dry_run" if options.dry_run else "replay", job_name=options.job_name)
     sqs = settings.client("sqs")
 
+    check_queue_exists(sqs, options.queue_url, "retry queue")
     dead_letter_url = options.dead_letter_queue_url or dead_letter_queue_of(sqs, options.queue_url)
+    if dead_letter_url is not None:
+        check_queue_exists(sqs, dead_letter_url, "dead-letter queue")
     if dead_letter_url is None and not options.dry_run:
         raise ValueError(
             f"queue {options.queue_url} has no redrive policy and no dead_letter_queue_url was given: "

@@ -63,6 +63,16 @@ class ReplayOptions:
             raise ValueError(
                 f"wait_time_seconds must be from 0 to 20 (the SQS maximum), got {self.wait_time_seconds}"
             )
+        # A receive phase long-polls until two empty answers in a row, so a
+        # message must stay hidden for longer than that, or the same run
+        # receives it again and its first receipt handle stops working.
+        for name in ("visibility_timeout", "dry_run_visibility_timeout"):
+            value = getattr(self, name)
+            if value <= 2 * self.wait_time_seconds:
+                raise ValueError(
+                    f"{name} ({value} s) must be longer than twice wait_time_seconds "
+                    f"({self.wait_time_seconds} s)"
+                )
         for name in ("visibility_timeout", "dry_run_visibility_timeout", "retry_delay_seconds"):
             value = getattr(self, name)
             if not 1 <= value <= 43_200:

@@ -18,6 +18,8 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from taxi_pipeline.envelope import escape_for_sqs
+
 logger = logging.getLogger(__name__)
 
 SQS_BATCH_SIZE = 10  # the maximum entries of any SQS batch call
@@ -102,8 +104,8 @@ def receive_messages(sqs: Any, queue_url: str, quota: ReceiveQuota) -> tuple[lis
                 counts["receive_calls"] += 1
                 for message in messages:
                     if message["MessageId"] in received:
+                        # Only the newest receipt handle can delete the message.
                         counts["received_twice"] += 1
-                        continue
                     received[message["MessageId"]] = _to_received(message, now)
             empty_polls = 0 if messages else empty_polls + 1
 
@@ -240,7 +242,7 @@ def _dead_letter_attributes(letter: DeadLetter) -> dict[str, dict[str, str]]:
         "trip_id": letter.trip_id,
     }
     return {
-        name: {"DataType": "String", "StringValue": value[:MAX_ATTRIBUTE_VALUE_LENGTH]}
+        name: {"DataType": "String", "StringValue": escape_for_sqs(value[:MAX_ATTRIBUTE_VALUE_LENGTH])}
         for name, value in attributes.items()
         if value
     }
@@ -329,4 +331,22 @@ def dead_letter_queue_of(sqs: Any, queue_url: str) -> str | None:
         return None
     target_arn = json.loads(policy)["deadLetterTargetArn"]
     _, _, _, _, account, name = target_arn.split(":", 5)
-    return sqs.get_queue_url(QueueName=name, QueueOwnerAWSAccountId=account)["QueueUrl"]
+    try:
+        return sqs.get_queue_url(QueueName=name, QueueOwnerAWSAccountId=account)["QueueUrl"]
+    except ClientError as exc:
+        raise ValueError(
+            f"the dead-letter queue {target_arn} named in the redrive policy of {queue_url} "
+            f"cannot be found ({exc.response.get('Error', {}).get('Code')}): create it, or pass "
+            "--dead_letter_queue_url"
+        ) from exc
+
+
+def check_queue_exists(sqs: Any, queue_url: str, role: str) -> None:
+    """Raise ``ValueError`` naming the queue and its role when it cannot be reached."""
+    try:
+        sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code")
+        raise ValueError(
+            f"the {role} {queue_url} cannot be used ({code}): check the URL and permissions"
+        ) from exc

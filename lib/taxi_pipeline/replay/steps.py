@@ -55,6 +55,9 @@ def _parsed_row(parse) -> tuple:
         event = parse()
     except InvalidEventError as exc:
         return (False, None, exc.trip_id, None, None, 0, exc.reason, exc.detail[:MAX_DETAIL_LENGTH])
+    except Exception as exc:  # noqa: BLE001 - one defective message must not fail the wave
+        detail = f"parsing failed with {type(exc).__name__}: {exc}"
+        return (False, None, None, None, None, 0, "event_unparseable", detail[:MAX_DETAIL_LENGTH])
     return (
         True,
         event.kind.value,

@@ -119,9 +119,7 @@ def deploy_stack(
             logger.info("stack %s is up to date", stack_name)
             return _outputs(stack)
 
-    final = _wait_for_stack(
-        cloudformation, stack_name, started, timeout_seconds, poll_seconds, sleep
-    )
+    final = _wait_for_stack(cloudformation, stack_name, started, timeout_seconds, poll_seconds, sleep)
     return _outputs(final)
 
 
@@ -188,9 +186,7 @@ def _find_artifacts(artifacts_dir: Path) -> dict[str, Path]:
 def _uses_custom_endpoint(settings: AwsSettings) -> bool:
     """Tell whether clients go to an endpoint set by configuration, such as the local one."""
     return bool(
-        settings.endpoint_url
-        or os.environ.get("AWS_ENDPOINT_URL")
-        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        settings.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
     )
 
 
@@ -199,8 +195,7 @@ def _default_bucket_name(settings: AwsSettings, stack_name: str, region: str | N
     name = f"{stack_name}-artifacts-{account}-{region or 'us-east-1'}".lower()
     if len(name) > 63:
         raise ValueError(
-            f"default bucket name {name} is longer than the 63 characters S3 allows: "
-            "pass a bucket name"
+            f"default bucket name {name} is longer than the 63 characters S3 allows: pass a bucket name"
         )
     return name
 
@@ -295,14 +290,10 @@ def _check_updatable(stack: Mapping[str, Any]) -> None:
             f"Delete it (aws cloudformation delete-stack --stack-name {name}) and deploy again"
         )
     if status.endswith("_IN_PROGRESS"):
-        raise DeployError(
-            f"stack {name} is busy ({status}): wait until the running operation ends and retry"
-        )
+        raise DeployError(f"stack {name} is busy ({status}): wait until the running operation ends and retry")
 
 
-def _stack_parameters(
-    values: Mapping[str, str], previous_keys: Sequence[str] = ()
-) -> list[dict[str, Any]]:
+def _stack_parameters(values: Mapping[str, str], previous_keys: Sequence[str] = ()) -> list[dict[str, Any]]:
     entries: list[dict[str, Any]] = [
         {"ParameterKey": key, "ParameterValue": value} for key, value in sorted(values.items())
     ]

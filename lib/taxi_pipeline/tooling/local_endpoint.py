@@ -195,8 +195,7 @@ def _terminate_process_group(pgid: int, leader: subprocess.Popen | None, timeout
     while _process_group_exists(pgid):
         if time.monotonic() >= deadline:
             raise LocalEndpointError(
-                f"process group {pgid} still has processes after SIGKILL "
-                f"(list them with ps -g {pgid})"
+                f"process group {pgid} still has processes after SIGKILL (list them with ps -g {pgid})"
             )
         time.sleep(0.05)
 
@@ -485,9 +484,7 @@ def start_detached(
     return {**record, "already_running": False}
 
 
-def stop_detached(
-    run_dir: Path | None = None, timeout: float = DEFAULT_STOP_TIMEOUT_SECONDS
-) -> dict | None:
+def stop_detached(run_dir: Path | None = None, timeout: float = DEFAULT_STOP_TIMEOUT_SECONDS) -> dict | None:
     """Stop the endpoint recorded in ``.run/endpoint.json`` and remove the record.
 
     Returns the record of the stopped endpoint, or None when none was running.
@@ -514,9 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     start_parser = commands.add_parser("start", help="start MiniStack unless one is recorded")
-    start_parser.add_argument(
-        "--port", type=int, help="TCP port on 127.0.0.1 (default: a free one)"
-    )
+    start_parser.add_argument("--port", type=int, help="TCP port on 127.0.0.1 (default: a free one)")
     commands.add_parser("stop", help="stop the recorded MiniStack")
     commands.add_parser("status", help="print the recorded MiniStack, if it runs")
     args = parser.parse_args(argv)

@@ -177,18 +177,14 @@ def _distribution_entries(names: Sequence[str]) -> dict[str, Path]:
                 continue
             source = Path(distribution.locate_file(file))
             if not source.is_file():
-                raise MissingSourceError(
-                    f"file {source} of package {name} is missing: reinstall the package"
-                )
+                raise MissingSourceError(f"file {source} of package {name} is missing: reinstall the package")
             entries[PurePosixPath(file).as_posix()] = source
     return entries
 
 
 def _write_zip(target: Path, entries: dict[str, Path]) -> Artifact:
     """Write ``entries`` to a reproducible zip at ``target``."""
-    with tempfile.NamedTemporaryFile(
-        dir=target.parent, prefix=f".{target.name}.", delete=False
-    ) as handle:
+    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", delete=False) as handle:
         temporary = Path(handle.name)
         try:
             with zipfile.ZipFile(handle, "w") as archive:
@@ -206,9 +202,7 @@ def _write_zip(target: Path, entries: dict[str, Path]) -> Artifact:
 
 def _write_bytes(target: Path, data: bytes) -> Artifact:
     """Write ``data`` to ``target`` through a temporary file in the same folder."""
-    with tempfile.NamedTemporaryFile(
-        dir=target.parent, prefix=f".{target.name}.", delete=False
-    ) as handle:
+    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", delete=False) as handle:
         handle.write(data)
     return _publish(Path(handle.name), target)
 
