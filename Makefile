@@ -103,10 +103,10 @@ endpoint-start: setup
 endpoint-stop: setup
 	$(VENV)/bin/python -m taxi_pipeline.tooling.local_endpoint stop
 
-demo: setup
+demo: setup check-java
 	$(VENV)/bin/taxi-pipeline demo
 
-bench: setup
+bench: setup check-java
 	$(VENV)/bin/python -m bench.run
 
 package: setup
@@ -115,6 +115,9 @@ package: setup
 test-glue: setup
 	@command -v docker >/dev/null || { \
 		echo "docker not found on PATH: make test-glue runs the glue tests in the Glue 5.0 image" >&2; \
+		exit 1; }
+	@docker info >/dev/null 2>&1 || { \
+		echo "no Docker engine answers ('docker info' failed): make test-glue needs a Docker host" >&2; \
 		exit 1; }
 	docker build --tag $(GLUE_IMAGE_TAG) --file $(GLUE_DOCKERFILE) .
 	docker run --rm $(GLUE_IMAGE_TAG)

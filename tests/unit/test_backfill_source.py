@@ -40,5 +40,10 @@ def test_empty_folder_is_an_error(tmp_path):
 
 
 def test_s3_prefix_needs_a_format():
-    with pytest.raises(ValueError, match="pass source_format"):
+    with pytest.raises(ValueError, match="--source_format in the job"):
         guess_format("s3://bucket/backfill/")
+
+
+def test_missing_source_is_named(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        guess_format(str(tmp_path / "absent"))

@@ -44,7 +44,7 @@ def test_oversized_bare_body_is_rejected():
 
 @pytest.mark.parametrize("version", ['"1"', "true", "1.0", "2"])
 def test_other_envelope_versions_are_rejected(version):
-    body = '{"envelope_version": %s, "event_kind": "end", "event": "{}"}' % version
+    body = '{"envelope_version": ' + version + ', "event_kind": "end", "event": "{}"}'
     with pytest.raises(InvalidEventError) as caught:
         open_message(body)
     assert caught.value.reason == "envelope_version_unsupported"

@@ -16,6 +16,9 @@ from taxi_pipeline.replay.report import RunReport
 from taxi_pipeline.replay.tasks import write_task
 
 FILE_PATTERNS = {"parquet": "*.parquet", "json": "*.{json,jsonl}", "csv": "*.csv"}
+_FORMAT_HINT = (
+    "set the format to parquet, json or csv (--source_format in the job, --format in taxi-pipeline)"
+)
 _SUFFIX_FORMATS = ((".parquet", "parquet"), (".jsonl", "json"), (".json", "json"), (".csv", "csv"))
 
 
@@ -69,6 +72,8 @@ def guess_format(source: str) -> str:
             return fmt
 
     folder = Path(source)
+    if "://" not in source and not folder.exists():
+        raise ValueError(f"backfill source {source!r} does not exist")
     if "://" not in source and folder.is_dir():
         found = {
             fmt
@@ -81,12 +86,9 @@ def guess_format(source: str) -> str:
         if not found:
             raise ValueError(f"no .parquet, .json, .jsonl or .csv files found under {source!r}")
         raise ValueError(
-            f"{source!r} holds files of several formats ({', '.join(sorted(found))}): "
-            "pass source_format parquet, json or csv"
+            f"{source!r} holds files of several formats ({', '.join(sorted(found))}): {_FORMAT_HINT}"
         )
-    raise ValueError(
-        f"cannot tell the format of {source!r} from its name: pass source_format parquet, json or csv"
-    )
+    raise ValueError(f"cannot tell the format of {source!r} from its name: {_FORMAT_HINT}")
 
 
 def run_backfill(
@@ -111,7 +113,6 @@ def run_backfill(
     )
     try:
         report.counts["rows_read"] = parsed.count()
-        report.waves = 1
 
         invalid = steps.invalid_events(parsed)
         for row in invalid.groupBy("reason").count().collect():

@@ -104,7 +104,7 @@ def run_replay(spark: SparkSession, options: ReplayOptions, settings: AwsSetting
         received = _run_wave(spark, options, settings, target, partitions, wave_budget, deadline, report)
 
         if options.dry_run:
-            report.finish("dry run sampled one wave")
+            report.finish("dry run sampled one wave" if received else "dry run found the queue empty")
             break
         if received:
             empty_waves = 0

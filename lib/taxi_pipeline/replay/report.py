@@ -95,16 +95,17 @@ class RunReport:
     def render_text(self) -> str:
         """Return a short human-readable summary, one fact per line."""
         data = self.to_dict()
+        progress = "" if self.mode == "backfill" else f" after {data['waves']} wave(s)"
         lines = [
-            f"{self.mode} run: {data['stop_reason']} after {data['waves']} wave(s) "
+            f"{self.mode} run: {data['stop_reason']}{progress} "
             f"in {data['duration_seconds']:.1f} s ({data['messages_per_second']:.1f} per second)",
         ]
-        lines += [f"  {name:<28}{count:>10}" for name, count in data["outcomes"].items()]
+        lines += [f"  {name:<30}{count:>10}" for name, count in data["outcomes"].items()]
         if data["reasons"]:
             lines.append("  reasons:")
-            lines += [f"    {name:<26}{count:>10}" for name, count in data["reasons"].items()]
+            lines += [f"    {name:<28}{count:>10}" for name, count in data["reasons"].items()]
         lines.append("  counts:")
-        lines += [f"    {name:<26}{count:>10}" for name, count in data["counts"].items()]
+        lines += [f"    {name:<28}{count:>10}" for name, count in data["counts"].items()]
         return "\n".join(lines)
 
     def log(self) -> None:

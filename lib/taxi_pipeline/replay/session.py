@@ -19,6 +19,8 @@ def local_spark(app_name: str = "replay-failed-trips", cores: int | str = "*") -
     ``python3`` is first on PATH, which may lack this package.
     """
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    # Keep a local run on loopback rather than the host's network address.
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     return (
         SparkSession.builder.master(f"local[{cores}]")
         .appName(app_name)
@@ -43,8 +45,11 @@ def glue_or_spark(job_name: str, arguments: dict[str, Any]) -> tuple[SparkSessio
         job = Job(glue_context)
         job.init(job_name, arguments)
     except Exception as exc:  # noqa: BLE001 - py4j raises plain TypeError or Py4JError when the jars are absent
-        logger.info("Glue's JVM classes are not available (%s): running on a plain SparkSession", exc)
-        if SparkSession.getActiveSession() is not None:
-            return SparkSession.getActiveSession(), None
+        logger.info("Glue's JVM classes are not available (%s): running on a local SparkSession", exc)
+        # The context made for the attempt may run workers on the wrong
+        # interpreter, so it is replaced by a local session set up for this one.
+        active = SparkContext._active_spark_context
+        if active is not None:
+            active.stop()
         return local_spark(job_name), None
     return glue_context.spark_session, job
