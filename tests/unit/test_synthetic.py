@@ -120,7 +120,7 @@ def test_same_seed_gives_same_trips():
 def test_run_is_marked_synthetic(trips):
     assert trips.synthetic is True
     assert trips.seed == 11
-    assert "synthetic" in trips.source
+    assert "generated trips" in trips.source
     assert "not real data" in trips.source
 
 

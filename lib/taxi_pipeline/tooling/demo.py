@@ -647,9 +647,10 @@ def package_and_deploy(stack_name: str, settings: AwsSettings) -> PipelineResour
 def describe_progress(state: ConsumptionState, targets: ConsumptionTargets) -> str:
     """Describe the counts observed so far against their targets."""
     return (
-        f"table {state.table_items}/{targets.table_items} trips, "
-        f"retry queue {state.retry_messages}/{targets.retry_messages}, "
-        f"invalid {state.invalid_notifications}/{targets.invalid_notifications}"
+        f"table {state.table_items}/{targets.table_items} trips with a write that got through "
+        "(the others arrive by replay), "
+        f"retry queue {state.retry_messages}/{targets.retry_messages} messages, "
+        f"invalid topic {state.invalid_notifications}/{targets.invalid_notifications} notifications"
     )
 
 

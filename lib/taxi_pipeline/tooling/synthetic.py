@@ -97,7 +97,7 @@ def generate_trips(count: int = DEFAULT_TRIP_COUNT, seed: int = DEFAULT_SEED) ->
     return TripSample(
         start_rows=tuple(start_rows),
         end_rows=tuple(end_rows),
-        source=f"synthetic: {count} generated trips (seed {seed}), not real data",
+        source=f"{count} generated trips (seed {seed}), not real data",
         synthetic=True,
         seed=seed,
     )
