@@ -63,8 +63,8 @@ class ReplayOptions:
             raise ValueError(
                 f"wait_time_seconds must be from 0 to 20 (the SQS maximum), got {self.wait_time_seconds}"
             )
-        # A receive phase long-polls until two empty answers in a row, so a
-        # message must stay hidden for longer than that, or the same run
+        # A receive phase lasts at least one long poll, so a message must stay
+        # hidden for longer than that with room to spare, or the same wave
         # receives it again and its first receipt handle stops working.
         for name in ("visibility_timeout", "dry_run_visibility_timeout"):
             value = getattr(self, name)

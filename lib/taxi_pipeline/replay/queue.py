@@ -25,6 +25,9 @@ logger = logging.getLogger(__name__)
 SQS_BATCH_SIZE = 10  # the maximum entries of any SQS batch call
 MAX_VISIBILITY_TIMEOUT = 12 * 60 * 60  # SQS caps a message's visibility at 12 hours
 MAX_ATTRIBUTE_VALUE_LENGTH = 1024
+# Long-poll wait once a poller has received messages in this wave. One second
+# still queries every SQS server, unlike a short poll (wait 0), which samples some.
+FOLLOW_UP_WAIT_SECONDS = 1
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,7 @@ class ReceiveQuota:
     max_messages: int
     wait_time_seconds: int
     visibility_timeout: int
-    max_empty_polls: int = 2
+    max_empty_polls: int = 1
     threads: int = 4
     deadline: float | None = None
 
@@ -56,7 +59,9 @@ def receive_messages(sqs: Any, queue_url: str, quota: ReceiveQuota) -> tuple[lis
 
     Each thread polls for 10 messages at a time and stops after
     ``max_empty_polls`` empty answers in a row, when the budget is spent, or at
-    the deadline. Returns the messages, deduplicated by message id, and counts.
+    the deadline. Its first poll waits ``wait_time_seconds``, later ones
+    ``FOLLOW_UP_WAIT_SECONDS``, so a wave does not idle on a drained queue.
+    Returns the messages, deduplicated by message id, and counts.
     """
     lock = threading.Lock()
     received: dict[str, ReceivedMessage] = {}
@@ -75,6 +80,7 @@ def receive_messages(sqs: Any, queue_url: str, quota: ReceiveQuota) -> tuple[lis
 
     def poll() -> None:
         empty_polls = 0
+        wait = quota.wait_time_seconds
         while empty_polls < quota.max_empty_polls:
             if quota.deadline is not None and time.time() >= quota.deadline:
                 return
@@ -85,7 +91,7 @@ def receive_messages(sqs: Any, queue_url: str, quota: ReceiveQuota) -> tuple[lis
                 response = sqs.receive_message(
                     QueueUrl=queue_url,
                     MaxNumberOfMessages=size,
-                    WaitTimeSeconds=quota.wait_time_seconds,
+                    WaitTimeSeconds=wait,
                     VisibilityTimeout=quota.visibility_timeout,
                     MessageSystemAttributeNames=["ApproximateReceiveCount", "SentTimestamp"],
                 )
@@ -108,6 +114,10 @@ def receive_messages(sqs: Any, queue_url: str, quota: ReceiveQuota) -> tuple[lis
                         counts["received_twice"] += 1
                     received[message["MessageId"]] = _to_received(message, now)
             empty_polls = 0 if messages else empty_polls + 1
+            if messages:
+                # The queue had messages a moment ago, so a short wait tells
+                # whether more are there; the full wait is only for the first poll.
+                wait = min(wait, FOLLOW_UP_WAIT_SECONDS)
 
     threads = max(1, min(quota.threads, -(-quota.max_messages // SQS_BATCH_SIZE)))
     with ThreadPoolExecutor(max_workers=threads) as pool:
