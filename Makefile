@@ -14,6 +14,7 @@ SHELL := /bin/bash
 
 PYTHON ?= python3.11
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 VENV := .venv
 MINISTACK_VENV := .venv-ministack
@@ -107,7 +108,7 @@ demo: setup check-java
 	$(VENV)/bin/taxi-pipeline demo
 
 bench: setup check-java
-	$(VENV)/bin/python -m bench.run
+	$(VENV)/bin/python -m bench.run $(BENCH_ARGS)
 
 package: setup
 	$(VENV)/bin/taxi-pipeline package

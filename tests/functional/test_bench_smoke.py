@@ -4,7 +4,7 @@ Each piece runs against the session's local endpoint as the full benchmark
 runs it: the naive drain, one ceiling level, a replay in a fresh Spark
 process, the backfill source, the stream functions, and the report built
 from their results. The figures themselves are not checked, only that every
-message was applied and deleted and that the report holds every section.
+message was applied and deleted and that the report contains every section.
 The backfill's Spark run goes through the same ``bench.job_process`` as the
 replay and is left out to keep the test short.
 """
@@ -15,11 +15,11 @@ import random
 
 import pyarrow.parquet as pq
 import pytest
+
 from bench import ceiling, report, run, workload
 from bench.backfill import write_backfill_source
 from bench.estimate import estimate_glue_throughput
 from bench.machine import describe_machine
-
 from taxi_pipeline.events import EventKind
 
 pytestmark = [pytest.mark.endpoint, pytest.mark.spark]
@@ -62,14 +62,14 @@ def test_bench_pieces_at_tiny_sizes(aws_settings, trips, tmp_path):
     assert replay["job"]["driver_peak_rss_mib"] > 0
     assert replay["job"]["memory"]["jvm_peak_rss_mib"] > 0
 
-    # AND a backfill source holds new trips of both kinds
+    # AND a backfill source contains new trips of both kinds
     source = write_backfill_source(trips, 200, tmp_path / "backfill", SEED)
     starts = pq.read_table(tmp_path / "backfill" / "start_taxi_trips.parquet")
     ends = pq.read_table(tmp_path / "backfill" / "end_taxi_trips.parquet")
     assert (source["rows"], starts.num_rows, ends.num_rows) == (200, 100, 100)
     assert starts.column("trip_id").to_pylist() == ends.column("trip_id").to_pylist()
 
-    # THEN the report holds every section and the targets it can check
+    # THEN the report contains every section and the targets it can check
     results = {
         "started_at": "2026-01-01T00:00:00+00:00",
         "command": "pytest",
