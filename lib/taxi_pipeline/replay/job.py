@@ -54,6 +54,16 @@ def parallelism_of(spark: SparkSession, requested: int | None) -> int:
     return requested or max(1, spark.sparkContext.defaultParallelism)
 
 
+def default_wave_size(partitions: int) -> int:
+    """Return 2,500 messages per task, at least 10,000 and at most 100,000.
+
+    Each wave pays a fixed Spark overhead of a few seconds, so waves grow with
+    the cluster. The cap stays below the roughly 120,000 messages SQS lets be
+    in flight on a standard queue.
+    """
+    return max(10_000, min(100_000, 2_500 * partitions))
+
+
 def run_replay(spark: SparkSession, options: ReplayOptions, settings: AwsSettings | None = None) -> RunReport:
     """Drain the retry queue into the trip table and return the run report."""
     settings = settings or AwsSettings.from_env()
@@ -84,9 +94,10 @@ def run_replay(spark: SparkSession, options: ReplayOptions, settings: AwsSetting
         options.table_name,
         dead_letter_url,
         partitions,
-        options.wave_size,
+        options.wave_size or default_wave_size(partitions),
     )
 
+    wave_size = options.wave_size or default_wave_size(partitions)
     deadline = report.started_at + options.max_runtime_seconds
     empty_waves = 0
     while True:
@@ -98,7 +109,7 @@ def run_replay(spark: SparkSession, options: ReplayOptions, settings: AwsSetting
             report.finish("time limit reached")
             break
 
-        wave_budget = options.wave_size
+        wave_budget = wave_size
         if options.max_messages is not None:
             wave_budget = min(wave_budget, options.max_messages - received_so_far)
         received = _run_wave(spark, options, settings, target, partitions, wave_budget, deadline, report)
@@ -106,16 +117,21 @@ def run_replay(spark: SparkSession, options: ReplayOptions, settings: AwsSetting
         if options.dry_run:
             report.finish("dry run sampled one wave" if received else "dry run found the queue empty")
             break
-        if received:
+        if received == wave_budget:
             empty_waves = 0
             continue
 
+        # A wave that received less than its budget found no more visible
+        # messages, so the queue's counts decide whether another wave is worth it.
         counts = queue_counts(sqs, options.queue_url)
         waiting = counts["ApproximateNumberOfMessages"] + counts["ApproximateNumberOfMessagesDelayed"]
         if waiting == 0:
             report.counts["messages_in_flight_at_end"] = counts["ApproximateNumberOfMessagesNotVisible"]
             report.finish("queue drained")
             break
+        if received:
+            empty_waves = 0
+            continue
         empty_waves += 1
         if empty_waves >= options.max_empty_waves:
             report.finish(f"no messages received in {empty_waves} waves while the queue reports {waiting}")

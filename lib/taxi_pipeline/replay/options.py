@@ -31,7 +31,7 @@ class ReplayOptions:
     job_name: str = "replay-failed-trips"
     max_messages: int | None = None
     max_runtime_seconds: float = 3300.0
-    wave_size: int = 10_000
+    wave_size: int | None = None  # None: 2,500 per task, from 10,000 to 100,000
     parallelism: int | None = None
     receive_threads: int = 8
     write_threads: int = 16
@@ -49,11 +49,10 @@ class ReplayOptions:
             raise ValueError("queue_url is empty: pass the URL of the retry queue (--queue_url)")
         if not self.table_name:
             raise ValueError("table_name is empty: pass the trip table (--table_name)")
-        for name in ("max_messages", "parallelism"):
+        for name in ("max_messages", "parallelism", "wave_size"):
             _check_positive(name, getattr(self, name))
         for name in (
             "max_runtime_seconds",
-            "wave_size",
             "receive_threads",
             "write_threads",
             "max_empty_waves",
