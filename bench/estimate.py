@@ -39,7 +39,8 @@ def _replay_options() -> dict[str, Any]:
 
     defaults = ReplayOptions(queue_url="unused", table_name="unused")
     return {
-        "wave_size": defaults.wave_size,
+        # The smallest wave the job uses; larger clusters get larger waves by default.
+        "wave_size": defaults.wave_size or 10_000,
         "receive_threads": defaults.receive_threads,
         "write_threads": defaults.write_threads,
         "wait_time_seconds": defaults.wait_time_seconds,
@@ -118,8 +119,10 @@ def drain_rate(backlog: int, wave: int, work_rate: float, wave_overhead: float, 
 
 
 def scaled_wave_size(slots: int) -> int:
-    """Return a wave of ``WAVE_PER_SLOT`` messages per task slot, within SQS's in-flight limit."""
-    return max(10_000, min(MAX_WAVE_SIZE, WAVE_PER_SLOT * slots))
+    """Return the job's default wave for ``slots`` task slots."""
+    from taxi_pipeline.replay.job import default_wave_size
+
+    return default_wave_size(slots)
 
 
 def estimate_glue_throughput(results: dict[str, Any], backlog: int = DEFAULT_BACKLOG) -> dict[str, Any]:

@@ -516,10 +516,10 @@ def estimate_table(results: dict[str, Any], markdown: bool) -> str:
         *(f"I/O limit at {latency} ms, msg/s" for latency in latencies),
         "CPU limit, msg/s",
         "wave work rate (binding limit)",
-        f"drain of {estimate['backlog']:,}, waves of {estimate['options']['wave_size']:,} "
+        f"drain of {estimate['backlog']:,}, fixed waves of {estimate['options']['wave_size']:,} "
         "(share of a wave in Spark overhead)",
-        "scaled wave",
-        "drain with the scaled wave",
+        "default wave (2,500 per slot)",
+        "drain with the default wave",
     ]
     return _table(headers, rows, markdown)
 
@@ -666,7 +666,7 @@ def estimate_arithmetic(estimate: dict[str, Any]) -> list[str]:
         f"{wave:,} / {row['work_rate']:,} = {wave / row['work_rate']:.2f} s plus {overhead} s, and "
         f"{estimate['backlog']:,} messages take {waves} waves plus up to "
         f"{estimate['end_of_queue_seconds']} s of empty long polls at the end: "
-        f"{row['default_wave_drain']:,} msg/s. With waves of {row['scaled_wave']:,} "
+        f"{row['default_wave_drain']:,} msg/s. With the job's default waves of {row['scaled_wave']:,} "
         f"({estimate['wave_per_slot']:,} per slot, at most {estimate['max_wave_size']:,} because SQS "
         f"keeps about 120,000 messages in flight per queue) it is {scaled_waves} waves: "
         f"{row['scaled_wave_drain']:,} msg/s.",
