@@ -71,7 +71,7 @@ _NETWORK_ERRORS = (
 
 
 class WriteOutcome(enum.StrEnum):
-    """What a successful write did."""
+    """The effect of a successful write on the item."""
 
     APPLIED = "applied"
     DUPLICATE = "duplicate"

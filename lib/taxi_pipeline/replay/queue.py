@@ -44,7 +44,7 @@ class ReceivedMessage:
 
 @dataclass
 class ReceiveQuota:
-    """How one receive task polls: its message budget and when to stop."""
+    """The polling limits of one receive task: its message budget, waits and deadline."""
 
     max_messages: int
     wait_time_seconds: int
@@ -58,7 +58,7 @@ def receive_messages(sqs: Any, queue_url: str, quota: ReceiveQuota) -> tuple[lis
     """Receive up to ``quota.max_messages`` messages with concurrent long polls.
 
     Each thread polls for 10 messages at a time and stops after
-    ``max_empty_polls`` empty answers in a row, when the budget is spent, or at
+    ``max_empty_polls`` empty responses in a row, when the budget is spent, or at
     the deadline. Its first poll waits ``wait_time_seconds``, later ones
     ``FOLLOW_UP_WAIT_SECONDS``, so a wave does not idle on a drained queue.
     Returns the messages, deduplicated by message id, and counts.
@@ -115,8 +115,8 @@ def receive_messages(sqs: Any, queue_url: str, quota: ReceiveQuota) -> tuple[lis
                     received[message["MessageId"]] = _to_received(message, now)
             empty_polls = 0 if messages else empty_polls + 1
             if messages:
-                # The queue had messages a moment ago, so a short wait tells
-                # whether more are there; the full wait is only for the first poll.
+                # The queue had messages a moment ago, so a short wait is enough to
+                # find more. Only the first poll waits the full time.
                 wait = min(wait, FOLLOW_UP_WAIT_SECONDS)
 
     threads = max(1, min(quota.threads, -(-quota.max_messages // SQS_BATCH_SIZE)))

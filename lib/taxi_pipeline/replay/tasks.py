@@ -39,7 +39,7 @@ MAX_TASK_SAMPLES = 5
 
 @dataclass(frozen=True)
 class QueueTarget:
-    """Where a task reads and settles messages."""
+    """The queues a task reads and settles messages on, with their timeouts."""
 
     queue_url: str
     dead_letter_queue_url: str | None
@@ -48,7 +48,7 @@ class QueueTarget:
 
 
 def _client_settings(settings: AwsSettings, threads: int) -> AwsSettings:
-    # One connection per thread, so threads never wait for a pooled connection.
+    # A pool with a connection per thread, so threads do not wait for one.
     return AwsSettings(
         region=settings.region,
         endpoint_url=settings.endpoint_url,
