@@ -49,15 +49,7 @@ class QueueTarget:
 
 def _client_settings(settings: AwsSettings, threads: int) -> AwsSettings:
     # A pool with a connection per thread, so threads do not wait for one.
-    return AwsSettings(
-        region=settings.region,
-        endpoint_url=settings.endpoint_url,
-        retry_mode=settings.retry_mode,
-        max_attempts=settings.max_attempts,
-        connect_timeout=settings.connect_timeout,
-        read_timeout=settings.read_timeout,
-        max_pool_connections=max(settings.max_pool_connections, threads + 2),
-    )
+    return replace(settings, max_pool_connections=max(settings.max_pool_connections, threads + 2))
 
 
 def receive_task(
