@@ -39,7 +39,13 @@ from bench.machine import describe_machine
 from bench.processes import ProcessSampler, load_average
 from taxi_pipeline.aws import AwsSettings
 from taxi_pipeline.events import EventKind
-from taxi_pipeline.tooling.local_endpoint import LocalEndpoint, LocalEndpointError
+from taxi_pipeline.tooling.local_endpoint import (
+    LocalEndpoint,
+    LocalEndpointError,
+    dummy_aws_environment,
+    is_scrubbed_aws_variable,
+    no_proxy_with_loopback,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REGION = "us-east-1"
@@ -55,39 +61,15 @@ SUBPROCESS_GRACE_SECONDS = 300.0
 
 logger = logging.getLogger(__name__)
 
-# Variables that select real credentials, a profile or another endpoint.
-_SCRUBBED_AWS_VARIABLES = (
-    "AWS_PROFILE",
-    "AWS_DEFAULT_PROFILE",
-    "AWS_SESSION_TOKEN",
-    "AWS_SECURITY_TOKEN",
-    "AWS_ROLE_ARN",
-    "AWS_ROLE_SESSION_NAME",
-    "AWS_WEB_IDENTITY_TOKEN_FILE",
-    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-    "AWS_CONTAINER_AUTHORIZATION_TOKEN",
-)
-
 
 def use_local_credentials(endpoint_url: str | None = None) -> None:
     """Point every AWS client of this process and its children at dummy credentials and loopback."""
     for name in list(os.environ):
-        if name in _SCRUBBED_AWS_VARIABLES or name.startswith("AWS_ENDPOINT_URL"):
+        if is_scrubbed_aws_variable(name):
             del os.environ[name]
-    os.environ.update(
-        {
-            "AWS_ACCESS_KEY_ID": "test",
-            "AWS_SECRET_ACCESS_KEY": "test",
-            "AWS_CONFIG_FILE": os.devnull,
-            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-            "AWS_DEFAULT_REGION": REGION,
-            "AWS_REGION": REGION,
-            "AWS_EC2_METADATA_DISABLED": "true",
-        }
-    )
+    os.environ.update(dummy_aws_environment(REGION))
     for name in ("NO_PROXY", "no_proxy"):
-        os.environ[name] = ",".join(filter(None, [os.environ.get(name), "127.0.0.1", "localhost"]))
+        os.environ[name] = no_proxy_with_loopback(os.environ.get(name))
     if endpoint_url:
         os.environ["AWS_ENDPOINT_URL"] = endpoint_url
 

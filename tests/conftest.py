@@ -26,6 +26,9 @@ from taxi_pipeline.tooling.local_endpoint import (
     LocalEndpoint,
     LocalEndpointError,
     check_health,
+    dummy_aws_environment,
+    is_scrubbed_aws_variable,
+    no_proxy_with_loopback,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -36,48 +39,18 @@ LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 GLUE_SKIP_REASON = "needs Glue's JVM classes (GlueContext): run in the Glue 5 image (make test-glue)"
 
-# Variables that select real credentials, a profile or another endpoint.
-# AWS_ENDPOINT_URL_<SERVICE> variables are removed by prefix as well.
-_SCRUBBED_AWS_VARIABLES = (
-    "AWS_PROFILE",
-    "AWS_DEFAULT_PROFILE",
-    "AWS_SESSION_TOKEN",
-    "AWS_SECURITY_TOKEN",
-    "AWS_CREDENTIAL_EXPIRATION",
-    "AWS_ROLE_ARN",
-    "AWS_ROLE_SESSION_NAME",
-    "AWS_WEB_IDENTITY_TOKEN_FILE",
-    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-    "AWS_CONTAINER_AUTHORIZATION_TOKEN",
-    "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
-)
-_DUMMY_AWS_ENVIRONMENT = {
-    "AWS_ACCESS_KEY_ID": "test",
-    "AWS_SECRET_ACCESS_KEY": "test",
-    "AWS_CONFIG_FILE": os.devnull,
-    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-    "AWS_DEFAULT_REGION": REGION,
-    "AWS_REGION": REGION,
-    "AWS_EC2_METADATA_DISABLED": "true",
-}
-
 _endpoint_log_key = pytest.StashKey[Path]()
 _configure_patch_key = pytest.StashKey[pytest.MonkeyPatch]()
 
 
 def _apply_dummy_aws_environment(patch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
-        if name in _SCRUBBED_AWS_VARIABLES or name.startswith("AWS_ENDPOINT_URL"):
+        if is_scrubbed_aws_variable(name):
             patch.delenv(name)
-    for name, value in _DUMMY_AWS_ENVIRONMENT.items():
+    for name, value in dummy_aws_environment(REGION).items():
         patch.setenv(name, value)
-
-    # A proxy from the environment must not see requests to the local endpoint.
     for name in ("NO_PROXY", "no_proxy"):
-        hosts = [host for host in os.environ.get(name, "").split(",") if host]
-        hosts += [host for host in ("127.0.0.1", "localhost") if host not in hosts]
-        patch.setenv(name, ",".join(hosts))
+        patch.setenv(name, no_proxy_with_loopback(os.environ.get(name)))
 
 
 def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
@@ -131,7 +104,7 @@ def aws_env() -> Iterator[dict[str, str]]:
     """Dummy credentials and region, with profiles, tokens and endpoint overrides removed."""
     with pytest.MonkeyPatch.context() as patch:
         _apply_dummy_aws_environment(patch)
-        yield dict(_DUMMY_AWS_ENVIRONMENT)
+        yield dummy_aws_environment(REGION)
 
 
 @pytest.fixture(scope="session")

@@ -47,22 +47,50 @@ DEFAULT_STARTUP_TIMEOUT_SECONDS = 60.0
 DEFAULT_STOP_TIMEOUT_SECONDS = 10.0
 LOG_TAIL_LINES = 20
 
-# Variables that could point a client in MiniStack or in its Lambda workers
-# at a real account or at another endpoint. The workers inherit MiniStack's
-# environment, so these are removed before the fixed values below are set.
-_SCRUBBED_AWS_VARIABLES = (
+# Variables that could point a client at a real account or at another
+# endpoint. MiniStack's Lambda workers inherit its environment, so the
+# endpoint, the tests and the benchmark all remove these, and every
+# AWS_ENDPOINT_URL_<SERVICE> variable by prefix, before setting dummy values.
+SCRUBBED_AWS_VARIABLES = (
     "AWS_PROFILE",
     "AWS_DEFAULT_PROFILE",
     "AWS_SESSION_TOKEN",
     "AWS_SECURITY_TOKEN",
+    "AWS_CREDENTIAL_EXPIRATION",
     "AWS_ROLE_ARN",
     "AWS_WEB_IDENTITY_TOKEN_FILE",
     "AWS_ROLE_SESSION_NAME",
     "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
     "AWS_CONTAINER_CREDENTIALS_FULL_URI",
     "AWS_CONTAINER_AUTHORIZATION_TOKEN",
-    "AWS_ENDPOINT_URL",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
 )
+
+
+def is_scrubbed_aws_variable(name: str) -> bool:
+    """Return whether ``name`` could select real credentials, a profile or another endpoint."""
+    return name in SCRUBBED_AWS_VARIABLES or name.startswith("AWS_ENDPOINT_URL")
+
+
+def dummy_aws_environment(region: str = DEFAULT_REGION) -> dict[str, str]:
+    """Return dummy credentials, no config files and no metadata service, for local clients."""
+    return {
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        "AWS_DEFAULT_REGION": region,
+        "AWS_REGION": region,
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+
+
+def no_proxy_with_loopback(current: str | None) -> str:
+    """Return a ``NO_PROXY`` value that adds 127.0.0.1 and localhost, so no proxy sees local requests."""
+    hosts = [host for host in (current or "").split(",") if host]
+    hosts += [host for host in (HOST, "localhost") if host not in hosts]
+    return ",".join(hosts)
+
 
 _PR_SET_PDEATHSIG = 1
 
@@ -94,19 +122,14 @@ def build_ministack_environment(
     Lambda workers unchanged (MiniStack 1.5.33 sets its own URL only when the
     variable is absent), unless a function's own environment sets one.
     """
-    env = {name: value for name, value in os.environ.items() if name not in _SCRUBBED_AWS_VARIABLES}
+    env = {name: value for name, value in os.environ.items() if not is_scrubbed_aws_variable(name)}
 
+    env.update(dummy_aws_environment(region))
     env.update(
         {
             "BIND_HOST": HOST,
             "GATEWAY_PORT": str(port),
             "MINISTACK_REGION": region,
-            "AWS_DEFAULT_REGION": region,
-            "AWS_ACCESS_KEY_ID": "test",
-            "AWS_SECRET_ACCESS_KEY": "test",
-            "AWS_CONFIG_FILE": os.devnull,
-            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-            "AWS_EC2_METADATA_DISABLED": "true",
             # MiniStack's pid file, Lambda code folders and worker temp files
             # go here, so stop() can remove what a killed worker left behind.
             "TMPDIR": str(tmp_dir),
@@ -115,7 +138,7 @@ def build_ministack_environment(
         }
     )
     for name in ("NO_PROXY", "no_proxy"):
-        env[name] = ",".join(filter(None, [env.get(name), HOST, "localhost"]))
+        env[name] = no_proxy_with_loopback(env.get(name))
 
     env.update(extra_env or {})
     return env
