@@ -334,10 +334,11 @@ def event_from_json(text: str) -> TripEvent:
     document = json.loads(text)
     kind = EventKind(document["kind"])
     schema = SCHEMAS[kind]
-    attributes = {
-        name: None if value is None else (Decimal(value) if schema[name] in _NUMBER_TYPES else value)
-        for name, value in document["attributes"].items()
-    }
+    attributes: dict[str, Any] = {}
+    for name, value in document["attributes"].items():
+        if value is not None and schema[name] in _NUMBER_TYPES:
+            value = Decimal(value)
+        attributes[name] = value
     return TripEvent(
         kind=kind,
         trip_id=document["trip_id"],

@@ -8,7 +8,7 @@ Each event becomes one conditional ``UpdateItem`` with no read before it:
   that wrote them. The condition ``attribute_not_exists(rev) OR rev < :rev``
   lets only a newer revision through, so a repeated or older event changes
   nothing, whatever order events arrive in.
-* ``trip_status`` is ``ended`` once any end event is in; a start event only
+* ``trip_status`` is ``ended`` once any end event is in. A start event only
   sets ``started`` where no status exists, so a late start never turns an
   ended trip back to started.
 
@@ -137,7 +137,7 @@ def build_update(event: TripEvent, table_name: str) -> dict[str, Any]:
 class TripWriter:
     """Apply trip events to the trip table, one conditional update each.
 
-    The writer holds one boto3 DynamoDB client, which is thread-safe, so one
+    The writer keeps one boto3 DynamoDB client, which is thread-safe, so one
     writer serves many threads. Build writers where they run (per Lambda
     container, per Spark task) from plain ``AwsSettings``.
     """

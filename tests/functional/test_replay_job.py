@@ -114,7 +114,7 @@ def test_drain_applies_mixed_queue_exactly(spark, sqs, dynamodb, trip_table, mak
         spark, ReplayOptions(queue_url=queue.url, table_name=trip_table, **FAST), aws_settings
     )
 
-    # THEN the table holds exactly the model's items
+    # THEN the table contains exactly the model's items
     expected = {
         trip_id: model_final(natural_order([parse_event(body, None) for body in trip_events]))
         for trip_id, trip_events in events.items()

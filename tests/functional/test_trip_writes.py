@@ -111,7 +111,7 @@ def test_missing_table_is_retryable(aws_settings):
 
 def test_oversized_item_is_permanent(writer):
     # Each text field is capped at 256 characters, so only a huge trip id
-    # list could exceed 400 KB; emulate the service's answer instead.
+    # list could exceed 400 KB; emulate the service's response instead.
     from botocore.stub import Stubber
 
     stubber = Stubber(writer.client)
@@ -172,5 +172,5 @@ def test_live_writes_match_the_model(writer, dynamodb, trip_table, specs, data):
     for event in deliveries:
         writer.apply(event)
 
-    # THEN the table holds the model's item for the natural order
+    # THEN the table contains the model's item for the natural order
     assert read_item(dynamodb, trip_table, trip_id) == model_final(natural_order(events))

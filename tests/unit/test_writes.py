@@ -69,7 +69,8 @@ def test_start_never_overwrites_status():
 def test_end_before_start_keeps_end():
     final = model_final([end_event(), start_event()])
     assert final["trip_status"] == "ended"
-    assert "end_time_local" in final and "start_time_local" in final
+    assert "end_time_local" in final
+    assert "start_time_local" in final
 
 
 def test_older_version_never_replaces_newer():

@@ -86,7 +86,7 @@ def guess_format(source: str) -> str:
         if not found:
             raise ValueError(f"no .parquet, .json, .jsonl or .csv files found under {source!r}")
         raise ValueError(
-            f"{source!r} holds files of several formats ({', '.join(sorted(found))}): {_FORMAT_HINT}"
+            f"{source!r} contains files of several formats ({', '.join(sorted(found))}): {_FORMAT_HINT}"
         )
     raise ValueError(f"cannot tell the format of {source!r} from its name: {_FORMAT_HINT}")
 

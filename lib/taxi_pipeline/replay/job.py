@@ -3,7 +3,7 @@
 A wave is: receive up to ``wave_size`` messages in parallel Spark tasks,
 keep them on the executors, parse and collapse them as DataFrame steps,
 write each trip's events in one task, and settle every message. The driver
-only ever holds the counts of one wave, so its memory stays flat however
+only ever keeps the counts of one wave, so its memory stays flat however
 deep the queue is.
 
 If an executor is lost, Spark may run a receive task again and receive other
